@@ -1,0 +1,1 @@
+"""Dead letters: reason codes and the one envelope every stage uses."""

@@ -1,0 +1,28 @@
+"""The closed set of dead-letter reason codes.
+
+==================  ========  ====================================================
+reason              stage     meaning
+==================  ========  ====================================================
+``too_large``       ingest    payload over ``ingest.max_payload_bytes``
+``empty``           ingest    empty payload
+``decode_error``    parse     not UTF-8 JSON object / CSV line of six fields
+``schema_violation`` parse    a field is missing, has the wrong type, or is empty
+``out_of_range``    parse     ts outside sane bounds, value outside a metric's range
+``unknown_device``  enrich    device_id not in the registry
+``late``            aggregate reading for a window that was already emitted
+==================  ========  ====================================================
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class Reason(StrEnum):
+    TOO_LARGE = "too_large"
+    EMPTY = "empty"
+    DECODE_ERROR = "decode_error"
+    SCHEMA_VIOLATION = "schema_violation"
+    OUT_OF_RANGE = "out_of_range"
+    UNKNOWN_DEVICE = "unknown_device"
+    LATE = "late"

@@ -1,0 +1,55 @@
+"""Prometheus metrics, declared once. Base units; ``_total`` for counters.
+
+Labels are bounded: ``stage``, ``topic``, ``partition``, ``reason`` — never a
+device id or a payload value.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+RECORDS_CONSUMED = Counter(
+    "pipeline_records_consumed_total", "Records consumed.", ["stage", "topic"], registry=REGISTRY
+)
+RECORDS_PRODUCED = Counter(
+    "pipeline_records_produced_total", "Records produced and acknowledged.", ["stage", "topic"],
+    registry=REGISTRY,
+)
+DLQ_RECORDS = Counter(
+    "pipeline_dlq_records_total", "Records dead-lettered.", ["stage", "reason"], registry=REGISTRY
+)
+DUPLICATES = Counter(
+    "pipeline_duplicates_dropped_total", "Duplicate readings dropped.", ["stage"], registry=REGISTRY
+)
+RETRIES = Counter("pipeline_retries_total", "Records sent for retry.", ["stage"], registry=REGISTRY)
+WINDOWS_EMITTED = Counter(
+    "pipeline_windows_emitted_total", "Aggregate windows emitted.", ["stage"], registry=REGISTRY
+)
+PROCESSING_SECONDS = Histogram(
+    "pipeline_processing_duration_seconds",
+    "Time to process one batch, outputs acknowledged.",
+    ["stage"],
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+    registry=REGISTRY,
+)
+E2E_LATENCY = Histogram(
+    "pipeline_record_e2e_latency_seconds",
+    "Time from ingest to the end of this stage, per record.",
+    ["stage"],
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
+    registry=REGISTRY,
+)
+LAST_PROCESSED = Gauge(
+    "pipeline_last_record_processed_timestamp_seconds",
+    "Unix time the stage last finished a batch.",
+    ["stage"],
+    registry=REGISTRY,
+)
+
+
+def serve(host: str, port: int) -> int:
+    """Serve ``/metrics`` on host:port (port 0 picks a free one); return the port."""
+    server, _thread = start_http_server(port, addr=host, registry=REGISTRY)
+    return int(server.server_port)

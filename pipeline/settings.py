@@ -1,0 +1,216 @@
+"""Settings: one typed, frozen object from the environment over ``config/pipeline.yaml``.
+
+Precedence, highest first: keyword overrides given to :func:`load_settings`,
+environment variables (``PIPELINE_*``, nested with ``__`` such as
+``PIPELINE_AGGREGATE__WINDOW_S=30``; ``KAFKA_BOOTSTRAP_SERVERS``), the YAML file
+(``PIPELINE_CONFIG`` or ``config/pipeline.yaml``), the defaults below.
+
+Invalid settings raise :class:`pipeline.errors.ConfigError` with one line that
+names the setting.
+"""
+
+from __future__ import annotations
+
+import os
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from pipeline.errors import ConfigError
+
+STAGE_IDS: tuple[str, ...] = ("ingest", "parse", "enrich", "aggregate")
+
+_REPO_CONFIG = Path(__file__).resolve().parent.parent / "config" / "pipeline.yaml"
+_config_path: ContextVar[Path | None] = ContextVar("pipeline_config_path", default=None)
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class TopicSpec(_Frozen):
+    partitions: int = Field(ge=1, le=10_000)
+    retention_ms: int | None = Field(default=None, ge=-1)
+    compacted: bool = False
+
+    def kafka_config(self) -> dict[str, str]:
+        config: dict[str, str] = {}
+        if self.compacted:
+            config["cleanup.policy"] = "compact"
+        if self.retention_ms is not None:
+            config["retention.ms"] = str(self.retention_ms)
+        return config
+
+
+class StageSpec(_Frozen):
+    inputs: tuple[str, ...] = Field(min_length=1)
+    output: str
+    dlq: str
+    registry_topic: str | None = None
+    state_topic: str | None = None
+
+
+class IngestSettings(_Frozen):
+    max_payload_bytes: int = Field(default=65536, ge=64)
+    dedup_window_s: float = Field(default=600.0, gt=0)
+    dedup_max_keys: int = Field(default=200_000, ge=1)
+
+
+class MetricRange(_Frozen):
+    min: float
+    max: float
+
+    @model_validator(mode="after")
+    def _ordered(self) -> MetricRange:
+        if self.min > self.max:
+            raise ValueError(f"min {self.min} > max {self.max}")
+        return self
+
+
+class ParseSettings(_Frozen):
+    min_ts_ms: int = 946_684_800_000
+    max_future_ms: int = Field(default=86_400_000, ge=0)
+    ranges: dict[str, MetricRange] = Field(default_factory=dict)
+
+
+class AggregateSettings(_Frozen):
+    window_s: int = Field(default=60, ge=1)
+    allowed_lateness_s: int = Field(default=10, ge=0)
+    idle_timeout_s: float = Field(default=5.0, gt=0)
+
+
+class RunnerSettings(_Frozen):
+    batch_max_records: int = Field(default=2000, ge=1)
+    commit_interval_s: float = Field(default=1.0, gt=0)
+    session_timeout_s: float = Field(default=10.0, ge=1)
+
+
+class Settings(BaseSettings):
+    """Everything a process of the pipeline needs to know, validated once."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="PIPELINE_",
+        env_nested_delimiter="__",
+        frozen=True,
+        extra="forbid",
+    )
+
+    kafka_bootstrap_servers: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("KAFKA_BOOTSTRAP_SERVERS", "kafka_bootstrap_servers"),
+    )
+    kafka_security_protocol: str = "PLAINTEXT"
+    kafka_sasl_mechanism: str | None = None
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_ssl_cafile: str | None = None
+
+    app_prefix: str = "iot-pipeline"
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    log_level: str = "info"
+
+    topics: dict[str, TopicSpec]
+    stages: dict[str, StageSpec]
+    ingest: IngestSettings = IngestSettings()
+    parse: ParseSettings = ParseSettings()
+    aggregate: AggregateSettings = AggregateSettings()
+    runner: RunnerSettings = RunnerSettings()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        unknown = sorted(set(self.stages) - set(STAGE_IDS))
+        if unknown:
+            raise ValueError(f"unknown stage id(s) {unknown}; known: {list(STAGE_IDS)}")
+        missing = [s for s in STAGE_IDS if s not in self.stages]
+        if missing:
+            raise ValueError(f"stage(s) {missing} are not declared under 'stages'")
+        for stage_id, spec in self.stages.items():
+            for topic in (*spec.inputs, spec.output, spec.dlq, spec.registry_topic, spec.state_topic):
+                if topic is not None and topic not in self.topics:
+                    raise ValueError(f"stage {stage_id!r} uses topic {topic!r}, not declared under 'topics'")
+        if self.stages["enrich"].registry_topic is None:
+            raise ValueError("stage 'enrich' needs a 'registry_topic'")
+        agg = self.stages["aggregate"]
+        if agg.state_topic is None:
+            raise ValueError("stage 'aggregate' needs a 'state_topic'")
+        agg_in = {self.topics[t].partitions for t in (*agg.inputs, agg.state_topic)}
+        if len(agg_in) != 1:
+            raise ValueError(
+                "the aggregate stage's inputs and state_topic must have one partition count"
+            )
+        return self
+
+    def stage(self, stage_id: str) -> StageSpec:
+        try:
+            return self.stages[stage_id]
+        except KeyError:
+            raise ConfigError(
+                f"unknown stage {stage_id!r}; choose one of: {', '.join(STAGE_IDS)}"
+            ) from None
+
+    def group_id(self, stage_id: str) -> str:
+        """The consumer group of a stage: one id, one name."""
+        return f"{self.app_prefix}-{stage_id}"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, _YamlSource(settings_cls))
+
+
+class _YamlSource(PydanticBaseSettingsSource):
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        raise NotImplementedError  # __call__ is used instead
+
+    def __call__(self) -> dict[str, Any]:
+        path = _config_path.get()
+        if path is None:
+            return {}
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}".replace("\n", " ")) from None
+        if data is None:
+            return {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+        return data
+
+
+def default_config_path() -> Path:
+    env = os.environ.get("PIPELINE_CONFIG")
+    if env:
+        return Path(env)
+    local = Path.cwd() / "config" / "pipeline.yaml"
+    return local if local.exists() else _REPO_CONFIG
+
+
+def load_settings(config_path: str | Path | None = None, **overrides: Any) -> Settings:
+    """Read and validate settings; raise :class:`ConfigError` with one clear line."""
+    path = Path(config_path) if config_path is not None else default_config_path()
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist; set PIPELINE_CONFIG or pass --config")
+    token = _config_path.set(path)
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "settings"
+        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+        raise ConfigError(f"invalid setting {where}: {err['msg']}{more} [{path}]") from None
+    finally:
+        _config_path.reset(token)

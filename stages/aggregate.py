@@ -1,0 +1,266 @@
+"""Aggregate: ``iot.enriched`` → ``iot.aggregates``; event-time tumbling windows.
+
+Windows are ``[start, start + window)`` per ``(device_id, metric)``, aligned to the
+epoch. Each input partition has its own watermark (the highest event time seen
+there, like Kafka Streams' stream time). A window is emitted once, when the
+watermark reaches ``end + allowed_lateness``. After that:
+
+* a reading whose lineage id the window already counted is a duplicate (ignored);
+* any other reading for it is ``late`` (a dead letter);
+* the window's ids are kept for one more window length, then forgotten.
+
+The watermark is advanced per record, so results do not depend on how records
+were batched: re-processing the same input gives the same windows. When a
+partition gets no input for ``idle_timeout_s``, :meth:`AggregateStage.tick`
+advances its watermark at wall-clock rate, so the last windows of a stream close.
+
+State changes are reported as ``dirty`` key → bytes (None = delete) for the runner
+to write to a changelog; :meth:`AggregateStage.load` rebuilds a partition from it.
+"""
+
+from __future__ import annotations
+
+import heapq
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from dlq.reasons import Reason
+from pipeline import contract
+from pipeline.errors import InvalidMessage
+from pipeline.settings import AggregateSettings
+from stages.model import InRecord, OutRecord, StageResult
+
+STAGE = "aggregate"
+
+WindowKey = tuple[str, str, int]  # device_id, metric, window start (ms)
+
+
+@dataclass(slots=True)
+class Window:
+    device_id: str
+    metric: str
+    site: str
+    unit: str
+    start: int
+    end: int
+    count: int = 0
+    total: float = 0.0
+    min: float = float("inf")
+    max: float = float("-inf")
+    first_ts: int = 0
+    last_ts: int = 0
+    first_lineage_id: str = ""
+    last_lineage_id: str = ""
+    ids: set[str] = field(default_factory=set)
+    closed: bool = False
+
+    def add(self, ts: int, value: float, lineage: str) -> None:
+        if self.count == 0 or ts < self.first_ts or (ts == self.first_ts and lineage < self.first_lineage_id):
+            self.first_ts, self.first_lineage_id = ts, lineage
+        if self.count == 0 or ts > self.last_ts or (ts == self.last_ts and lineage > self.last_lineage_id):
+            self.last_ts, self.last_lineage_id = ts, lineage
+        self.count += 1
+        self.total += value
+        self.min = min(self.min, value)
+        self.max = max(self.max, value)
+        self.ids.add(lineage)
+
+    def result(self) -> dict[str, Any]:
+        return {
+            "device_id": self.device_id,
+            "metric": self.metric,
+            "site": self.site,
+            "unit": self.unit,
+            "window_start": self.start,
+            "window_end": self.end,
+            "count": self.count,
+            "min": self.min,
+            "max": self.max,
+            "mean": self.total / self.count,
+            "first_ts": self.first_ts,
+            "last_ts": self.last_ts,
+            "first_lineage_id": self.first_lineage_id,
+            "last_lineage_id": self.last_lineage_id,
+        }
+
+    def to_state(self) -> bytes:
+        doc = {s: getattr(self, s) for s in self.__slots__ if s != "ids"}
+        doc["ids"] = sorted(self.ids)
+        return orjson.dumps(doc)
+
+    @classmethod
+    def from_state(cls, raw: bytes) -> Window:
+        doc = orjson.loads(raw)
+        doc["ids"] = set(doc["ids"])
+        return cls(**doc)
+
+
+@dataclass(slots=True)
+class PartitionState:
+    watermark: int | None = None
+    last_input_at: float = 0.0
+    idle_base: int | None = None  # the watermark when input went quiet
+    windows: dict[WindowKey, Window] = field(default_factory=dict)
+    closing: list[tuple[int, WindowKey]] = field(default_factory=list)  # heap: (close at, key)
+    evicting: list[tuple[int, WindowKey]] = field(default_factory=list)  # heap: (forget at, key)
+
+
+def window_state_key(partition: int, key: WindowKey) -> bytes:
+    return orjson.dumps(["w", partition, *key])
+
+
+def watermark_state_key(partition: int) -> bytes:
+    return orjson.dumps(["wm", partition])
+
+
+@dataclass(slots=True)
+class AggregateResult(StageResult):
+    """``dirty`` maps changelog keys to their new value (None: delete the key)."""
+
+    dirty: dict[bytes, bytes | None] = field(default_factory=dict)
+    windows_emitted: int = 0
+    touched: set[WindowKey] = field(default_factory=set)
+
+
+class AggregateStage:
+    def __init__(self, settings: AggregateSettings, clock: Callable[[], float] = time.time) -> None:
+        self.window_ms = settings.window_s * 1000
+        self.lateness_ms = settings.allowed_lateness_s * 1000
+        self.idle_timeout_s = settings.idle_timeout_s
+        self._clock = clock
+        self.partitions: dict[int, PartitionState] = {}
+
+    # -- state -------------------------------------------------------------
+    def load(self, partition: int, items: Iterable[tuple[bytes, bytes]]) -> None:
+        """Rebuild a partition's state from changelog items (key, value)."""
+        state = PartitionState(last_input_at=self._clock())
+        for raw_key, raw_value in items:
+            key = orjson.loads(raw_key)
+            if key[0] == "wm" and key[1] == partition:
+                state.watermark = orjson.loads(raw_value)["watermark"]
+            elif key[0] == "w" and key[1] == partition:
+                window = Window.from_state(raw_value)
+                wkey = (window.device_id, window.metric, window.start)
+                state.windows[wkey] = window
+                if window.closed:
+                    heapq.heappush(state.evicting, (self._forget_at(window), wkey))
+                else:
+                    heapq.heappush(state.closing, (window.end + self.lateness_ms, wkey))
+        self.partitions[partition] = state
+
+    def _forget_at(self, window: Window) -> int:
+        return window.end + self.lateness_ms + self.window_ms
+
+    def drop(self, partition: int) -> None:
+        self.partitions.pop(partition, None)
+
+    def _state(self, partition: int) -> PartitionState:
+        state = self.partitions.get(partition)
+        if state is None:
+            state = self.partitions[partition] = PartitionState(last_input_at=self._clock())
+        return state
+
+    # -- processing ----------------------------------------------------------
+    def process(self, partition: int, records: Sequence[InRecord]) -> AggregateResult:
+        result = AggregateResult()
+        state = self._state(partition)
+        if records:
+            state.last_input_at = self._clock()
+            state.idle_base = None
+        for record in records:
+            try:
+                self._add(partition, state, record, result)
+            except InvalidMessage as exc:
+                result.reject(STAGE, record, exc)
+        self._flush_dirty(partition, state, result)
+        return result
+
+    def _add(self, partition: int, state: PartitionState, record: InRecord, result: AggregateResult) -> None:
+        try:
+            doc = orjson.loads(record.value or b"")
+            device_id, metric, ts = doc["device_id"], doc["metric"], int(doc["ts"])
+            value = float(doc["value"])
+            site, unit = doc.get("site", ""), doc.get("unit", "")
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            raise InvalidMessage(Reason.SCHEMA_VIOLATION, "input is not an enriched/1 record") from None
+        lineage_raw = contract.header_map(record.headers).get(contract.H_LINEAGE)
+        lineage = lineage_raw.decode("ascii", "replace") if lineage_raw else contract.lineage_id(
+            ts, record.topic, record.partition, record.offset
+        )
+        start = ts - ts % self.window_ms
+        wkey = (device_id, metric, start)
+        window = state.windows.get(wkey)
+        if window is not None and lineage in window.ids:
+            result.duplicates += 1
+            return
+        if state.watermark is not None and start + self.window_ms + self.lateness_ms <= state.watermark:
+            raise InvalidMessage(
+                Reason.LATE,
+                f"reading at {ts} is for window [{start}, {start + self.window_ms}) "
+                f"already closed at watermark {state.watermark}",
+            )
+        if window is None:
+            window = state.windows[wkey] = Window(
+                device_id, metric, site, unit, start, start + self.window_ms
+            )
+            heapq.heappush(state.closing, (window.end + self.lateness_ms, wkey))
+        window.add(ts, value, lineage)
+        result.touched.add(wkey)
+        if state.watermark is None or ts > state.watermark:
+            self._advance(partition, state, ts, result)
+
+    def _advance(self, partition: int, state: PartitionState, watermark: int, result: AggregateResult) -> None:
+        state.watermark = watermark
+        result.dirty[watermark_state_key(partition)] = orjson.dumps({"watermark": watermark})
+        closing = state.closing
+        while closing and closing[0][0] <= watermark:
+            _, wkey = heapq.heappop(closing)
+            window = state.windows.get(wkey)
+            if window is None or window.closed:
+                continue
+            window.closed = True
+            heapq.heappush(state.evicting, (self._forget_at(window), wkey))
+            result.windows_emitted += 1
+            headers = [
+                (contract.H_SCHEMA, contract.SCHEMA_AGGREGATE.encode()),
+                (contract.H_TRACEPARENT, contract.new_traceparent().encode()),
+            ]
+            result.outputs.append(
+                OutRecord(window.device_id.encode(), orjson.dumps(window.result()), headers, window.end)
+            )
+            result.touched.add(wkey)
+        evicting = state.evicting
+        while evicting and evicting[0][0] <= watermark:
+            _, wkey = heapq.heappop(evicting)
+            if state.windows.pop(wkey, None) is not None:
+                result.touched.add(wkey)
+
+    def _flush_dirty(self, partition: int, state: PartitionState, result: AggregateResult) -> None:
+        for wkey in result.touched:
+            window = state.windows.get(wkey)
+            result.dirty[window_state_key(partition, wkey)] = (
+                window.to_state() if window is not None else None
+            )
+        result.touched.clear()
+
+    def tick(self, partition: int) -> AggregateResult:
+        """Advance an idle partition's watermark at wall-clock rate; emit what closes."""
+        result = AggregateResult()
+        state = self.partitions.get(partition)
+        if state is None or state.watermark is None:
+            return result
+        idle_for = self._clock() - state.last_input_at
+        if idle_for < self.idle_timeout_s:
+            return result
+        if state.idle_base is None:
+            state.idle_base = state.watermark
+        target = state.idle_base + int(idle_for * 1000)
+        if state.closing and state.closing[0][0] <= target or state.evicting and state.evicting[0][0] <= target:
+            # Only worth a state write when a window closes or is forgotten.
+            self._advance(partition, state, target, result)
+            self._flush_dirty(partition, state, result)
+        return result

@@ -1,0 +1,157 @@
+"""Parse: ``iot.raw`` → ``iot.parsed``; decode, validate, normalise to ``reading/1``.
+
+A reading is ``{device_id, ts, seq, metric, value, unit}``: ``device_id`` and
+``metric`` non-empty strings, ``ts`` epoch milliseconds (int) within
+``[parse.min_ts_ms, now + parse.max_future_ms]``, ``seq`` a non-negative int,
+``value`` a finite number (within the metric's range when pipeline.yaml knows
+the metric), ``unit`` a string (may be empty). Failures are dead letters with
+``decode_error``, ``schema_violation`` or ``out_of_range``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from dlq.reasons import Reason
+from pipeline import contract
+from pipeline.errors import InvalidMessage
+from pipeline.settings import ParseSettings
+from stages.model import InRecord, OutRecord, StageResult
+
+STAGE = "parse"
+MAX_ID_LEN = 256
+FIELDS = ("device_id", "ts", "seq", "metric", "value", "unit")
+
+
+@dataclass(frozen=True, slots=True)
+class Reading:
+    device_id: str
+    ts: int
+    seq: int
+    metric: str
+    value: float
+    unit: str
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(
+            {
+                "device_id": self.device_id,
+                "ts": self.ts,
+                "seq": self.seq,
+                "metric": self.metric,
+                "value": self.value,
+                "unit": self.unit,
+            }
+        )
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def decode(payload: bytes) -> dict[str, Any]:
+    """A JSON object or CSV line as a dict of raw fields; raise ``decode_error``."""
+    if payload.lstrip()[:1] == b"{":
+        try:
+            doc = orjson.loads(payload)
+        except orjson.JSONDecodeError as exc:
+            raise InvalidMessage(Reason.DECODE_ERROR, f"invalid JSON: {exc}") from None
+        if not isinstance(doc, dict):
+            raise InvalidMessage(Reason.DECODE_ERROR, "JSON payload is not an object")
+        return doc
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidMessage(Reason.DECODE_ERROR, "payload is neither JSON nor UTF-8 text") from None
+    fields = [f.strip() for f in text.strip().split(",")]
+    if len(fields) != len(FIELDS):
+        raise InvalidMessage(
+            Reason.DECODE_ERROR, f"CSV line has {len(fields)} fields, expected {len(FIELDS)}"
+        )
+    doc: dict[str, Any] = dict(zip(FIELDS, fields, strict=True))
+    for name, conv in (("ts", int), ("seq", int), ("value", float)):
+        try:
+            doc[name] = conv(doc[name])
+        except ValueError:
+            raise InvalidMessage(
+                Reason.SCHEMA_VIOLATION, f"CSV field {name!r} is not a number"
+            ) from None
+    return doc
+
+
+class ParseStage:
+    def __init__(self, settings: ParseSettings, clock: Callable[[], float] = time.time) -> None:
+        self._settings = settings
+        self._clock = clock
+
+    def validate(self, doc: dict[str, Any], now_ms: int) -> Reading:
+        """The reading in ``doc``; raise :class:`InvalidMessage` with the first problem."""
+        device_id = doc.get("device_id")
+        if not isinstance(device_id, str) or not device_id.strip():
+            raise InvalidMessage(Reason.SCHEMA_VIOLATION, "device_id must be a non-empty string")
+        if len(device_id) > MAX_ID_LEN:
+            raise InvalidMessage(Reason.SCHEMA_VIOLATION, f"device_id longer than {MAX_ID_LEN}")
+        metric = doc.get("metric")
+        if not isinstance(metric, str) or not metric.strip():
+            raise InvalidMessage(Reason.SCHEMA_VIOLATION, "metric must be a non-empty string")
+        if len(metric) > MAX_ID_LEN:
+            raise InvalidMessage(Reason.SCHEMA_VIOLATION, f"metric longer than {MAX_ID_LEN}")
+        ts = doc.get("ts")
+        if not _is_int(ts):
+            raise InvalidMessage(Reason.SCHEMA_VIOLATION, "ts must be an integer (epoch ms)")
+        seq = doc.get("seq")
+        if not _is_int(seq) or seq < 0:
+            raise InvalidMessage(Reason.SCHEMA_VIOLATION, "seq must be a non-negative integer")
+        value = doc.get("value")
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            raise InvalidMessage(Reason.SCHEMA_VIOLATION, "value must be a number")
+        value = float(value) if _is_int(value) and abs(value) < 2**53 else value
+        if not isinstance(value, float) or not math.isfinite(value):
+            raise InvalidMessage(Reason.OUT_OF_RANGE, "value is not a finite float64")
+        unit = doc.get("unit", "")
+        if unit is None:
+            unit = ""
+        if not isinstance(unit, str) or len(unit) > 32:
+            raise InvalidMessage(Reason.SCHEMA_VIOLATION, "unit must be a string of at most 32")
+        s = self._settings
+        if not s.min_ts_ms <= ts <= now_ms + s.max_future_ms:
+            raise InvalidMessage(Reason.OUT_OF_RANGE, f"ts {ts} outside the accepted range")
+        bounds = s.ranges.get(metric)
+        if bounds is not None and not bounds.min <= value <= bounds.max:
+            raise InvalidMessage(
+                Reason.OUT_OF_RANGE,
+                f"{metric} value outside [{bounds.min}, {bounds.max}]",
+            )
+        return Reading(device_id, ts, seq, metric, value, unit)
+
+    def process(self, records: Sequence[InRecord]) -> StageResult:
+        result = StageResult()
+        now_ms = int(self._clock() * 1000)
+        for record in records:
+            try:
+                if not record.value:
+                    raise InvalidMessage(Reason.DECODE_ERROR, "empty payload")
+                reading = self.validate(decode(record.value), now_ms)
+            except InvalidMessage as exc:
+                result.reject(STAGE, record, exc)
+                continue
+            incoming = contract.header_map(record.headers)
+            headers = contract.with_headers(
+                incoming,
+                **{
+                    contract.H_TRACEPARENT: contract.child_traceparent(
+                        incoming.get(contract.H_TRACEPARENT)
+                    ),
+                    contract.H_SCHEMA: contract.SCHEMA_READING,
+                },
+            )
+            result.outputs.append(
+                OutRecord(reading.device_id.encode(), reading.to_json(), headers, reading.ts)
+            )
+        return result
