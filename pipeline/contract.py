@@ -89,9 +89,9 @@ def child_traceparent(parent: bytes | str | None) -> str:
     return new_traceparent()
 
 
-def with_headers(headers: Mapping[str, bytes], **updates: str | bytes) -> Headers:
-    """A header list with ``updates`` replacing or adding keys (``_`` in a key means ``-``)."""
+def with_headers(headers: Mapping[str, bytes], updates: Mapping[str, str | bytes]) -> Headers:
+    """A header list with ``updates`` replacing or adding keys."""
     merged = dict(headers)
     for key, value in updates.items():
-        merged[key.replace("_", "-")] = value if isinstance(value, bytes) else value.encode()
+        merged[key] = value if isinstance(value, bytes) else value.encode()
     return list(merged.items())

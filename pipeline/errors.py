@@ -20,7 +20,7 @@ class PipelineError(Exception):
     """Base of every error this project raises on purpose."""
 
 
-class InvalidMessage(PipelineError):  # noqa: N818 - the name the architecture uses
+class InvalidMessage(PipelineError):
     """A record that can never be processed as it is.
 
     ``reason`` is one of :class:`dlq.reasons.Reason`; ``str(exc)`` is a short,

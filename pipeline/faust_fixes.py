@@ -35,5 +35,5 @@ def apply_faust_fixes() -> None:
         self.app.flow_control.suspend()
         await original(self, generation_id)
 
-    Recovery.on_recovery_completed = on_recovery_completed
+    Recovery.on_recovery_completed = on_recovery_completed  # type: ignore[method-assign]
     setattr(Recovery, _APPLIED, True)

@@ -170,7 +170,9 @@ class AsyncProducer:
 
     async def send_batch(
         self,
-        records: Sequence[tuple[str, bytes | None, bytes | None, list[tuple[str, bytes]], int | None]],
+        records: Sequence[
+            tuple[str, bytes | None, bytes | None, list[tuple[str, bytes]], int | None]
+        ],
     ) -> list[Delivered]:
         """Produce ``(topic, key, value, headers, timestamp_ms)`` records and await them all."""
         if not records:
@@ -188,7 +190,9 @@ class AsyncProducer:
                     if err is not None:
                         errors.append(f"{msg.topic()}: {err.str()}")
                     else:
-                        results[index] = Delivered(msg.topic(), msg.partition(), msg.offset())
+                        results[index] = Delivered(
+                            msg.topic() or "", msg.partition() or 0, msg.offset() or 0
+                        )
                     remaining[0] -= 1
                     finished = remaining[0] == 0
                 if finished:
@@ -240,7 +244,7 @@ def read_topic(
     broker), and records are read with assign, without joining a group. Raises
     BrokerError if the end is not reached within ``timeout``.
     """
-    reader = consumer(settings, **{"enable.partition.eof": False})
+    reader = consumer(settings)
     messages: list[Message] = []
     try:
         metadata = reader.list_topics(topic, timeout=10)
@@ -258,14 +262,16 @@ def read_topic(
             for msg in reader.consume(num_messages=1000, timeout=0.2):
                 err = msg.error()
                 if err is not None:
+                    if err.code() == KafkaError._PARTITION_EOF:
+                        continue
                     raise BrokerError(f"reading {topic}: {err.str()}")
-                partition = msg.partition()
+                partition, offset = msg.partition() or 0, msg.offset() or 0
                 if partition not in pending:
                     continue
                 end = ends[(topic, partition)]
-                if msg.offset() < end:
+                if offset < end:
                     messages.append(msg)
-                if msg.offset() + 1 >= end:
+                if offset + 1 >= end:
                     pending.discard(partition)
         return messages
     finally:

@@ -14,7 +14,9 @@ RECORDS_CONSUMED = Counter(
     "pipeline_records_consumed_total", "Records consumed.", ["stage", "topic"], registry=REGISTRY
 )
 RECORDS_PRODUCED = Counter(
-    "pipeline_records_produced_total", "Records produced and acknowledged.", ["stage", "topic"],
+    "pipeline_records_produced_total",
+    "Records produced and acknowledged.",
+    ["stage", "topic"],
     registry=REGISTRY,
 )
 DLQ_RECORDS = Counter(
@@ -44,6 +46,19 @@ E2E_LATENCY = Histogram(
 LAST_PROCESSED = Gauge(
     "pipeline_last_record_processed_timestamp_seconds",
     "Unix time the stage last finished a batch.",
+    ["stage"],
+    registry=REGISTRY,
+)
+
+ASSIGNED_PARTITIONS = Gauge(
+    "pipeline_assigned_partitions",
+    "Input partitions assigned to this worker after the last rebalance.",
+    ["stage"],
+    registry=REGISTRY,
+)
+REBALANCES = Counter(
+    "pipeline_rebalances_total",
+    "Completed rebalances (partitions recovered, worker ready).",
     ["stage"],
     registry=REGISTRY,
 )

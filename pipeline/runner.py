@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -35,7 +36,7 @@ from pipeline.transport import BatchTransport
 from stages.aggregate import AggregateStage
 from stages.enrich import Device, EnrichStage
 from stages.ingest import IngestStage
-from stages.model import InRecord, OutRecord, StageResult
+from stages.model import InRecord, StageResult
 from stages.parse import ParseStage
 
 log = logging.getLogger("pipeline.runner")
@@ -45,7 +46,7 @@ EXIT_BUG = 70
 Outgoing = tuple[str, bytes | None, bytes | None, list[tuple[str, bytes]], int | None]
 
 
-class StageApp(faust.App):  # type: ignore[misc]
+class StageApp(faust.App):
     """A Faust app whose consumer batches the stage's input topics."""
 
     batch_topics: frozenset[str] = frozenset()
@@ -56,7 +57,9 @@ class StageApp(faust.App):  # type: ignore[misc]
 
 
 def to_in_record(r: Any) -> InRecord:
-    return InRecord(r.topic, r.partition, r.offset, r.timestamp or 0, r.key, r.value, tuple(r.headers or ()))
+    return InRecord(
+        r.topic, r.partition, r.offset, r.timestamp or 0, r.key, r.value, tuple(r.headers or ())
+    )
 
 
 class Binding:
@@ -93,7 +96,9 @@ class Binding:
             await self.deliver(result)
             self.after_delivery(partition, result)
         for topic in {r.topic for r in records}:
-            metrics.RECORDS_CONSUMED.labels(stage, topic).inc(sum(1 for r in records if r.topic == topic))
+            metrics.RECORDS_CONSUMED.labels(stage, topic).inc(
+                sum(1 for r in records if r.topic == topic)
+            )
         if result.outputs:
             metrics.RECORDS_PRODUCED.labels(stage, out_topic).inc(len(result.outputs))
         if result.duplicates:
@@ -101,7 +106,9 @@ class Binding:
         metrics.PROCESSING_SECONDS.labels(stage).observe(time.perf_counter() - started)
         now = time.time()
         metrics.LAST_PROCESSED.labels(stage).set(now)
-        ingest_ts = contract.header_map(records[-1].headers).get(contract.H_INGEST_TS) if records else None
+        ingest_ts = (
+            contract.header_map(records[-1].headers).get(contract.H_INGEST_TS) if records else None
+        )
         if ingest_ts is not None and ingest_ts.isdigit():
             metrics.E2E_LATENCY.labels(stage).observe(max(0.0, now - int(ingest_ts) / 1000))
 
@@ -119,7 +126,13 @@ class Binding:
 
     @staticmethod
     def _dead_letter(dead: DeadLetter, topic: str, now_ms: int) -> Outgoing:
-        return (topic, dead.key, dead.value, dead.envelope_headers(now_ms), dead.timestamp_ms or None)
+        return (
+            topic,
+            dead.key,
+            dead.value,
+            dead.envelope_headers(now_ms),
+            dead.timestamp_ms or None,
+        )
 
     def close(self) -> None:
         if self._producer is not None:
@@ -127,8 +140,13 @@ class Binding:
 
 
 class StatelessBinding(Binding):
-    def __init__(self, stage_id: str, settings: Settings, app: StageApp,
-                 stage: Callable[[Sequence[InRecord]], StageResult]) -> None:
+    def __init__(
+        self,
+        stage_id: str,
+        settings: Settings,
+        app: StageApp,
+        stage: Callable[[Sequence[InRecord]], StageResult],
+    ) -> None:
         super().__init__(stage_id, settings, app)
         self._stage = stage
 
@@ -166,14 +184,18 @@ class EnrichBinding(Binding):
         tps = [(self.registry_topic, p) for p in range(partitions)]
         loop = asyncio.get_running_loop()
         ends = await loop.run_in_executor(None, high_watermarks, client_config(self.settings), tps)
-        recovery = self.app.tables.recovery
+        recovery = self.app.tables.recovery  # type: ignore[attr-defined]
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             behind = [
-                (tp, end) for (t, p), end in ends.items()
+                (tp, end)
+                for (t, p), end in ends.items()
                 for tp in [faust.types.TP(t, p)]
-                if end > 0 and max(recovery.active_offsets.get(tp) or -1,
-                                   recovery.standby_offsets.get(tp) or -1) < end - 1
+                if end > 0
+                and max(
+                    recovery.active_offsets.get(tp) or -1, recovery.standby_offsets.get(tp) or -1
+                )
+                < end - 1
             ]
             if not behind:
                 log.info("registry ready: %d devices", len(self.table.data))
@@ -229,7 +251,9 @@ class AggregateBinding(Binding):
 
     async def tick(self) -> None:
         generation = self.app.consumer_generation_id
-        assigned = {tp.partition for tp in self.app.consumer.assignment() if tp.topic in self.spec.inputs}
+        assigned = {
+            tp.partition for tp in self.app.consumer.assignment() if tp.topic in self.spec.inputs
+        }
         for partition, loaded_in in list(self._loaded.items()):
             if loaded_in != generation or partition not in assigned:
                 continue
@@ -239,7 +263,9 @@ class AggregateBinding(Binding):
                     await self.deliver(result)
                     self.after_delivery(partition, result)
             if result.outputs:
-                metrics.RECORDS_PRODUCED.labels(self.stage_id, self.spec.output).inc(len(result.outputs))
+                metrics.RECORDS_PRODUCED.labels(self.stage_id, self.spec.output).inc(
+                    len(result.outputs)
+                )
 
 
 def make_binding(stage_id: str, settings: Settings, app: StageApp) -> Binding:
@@ -278,7 +304,9 @@ def build_app(settings: Settings, stage_id: str) -> tuple[StageApp, Binding]:
         stream_buffer_maxsize=8,
         table_standby_replicas=0,
         store="memory://",
-        datadir=os.path.join(tempfile.gettempdir(), f"faust-{settings.group_id(stage_id)}-{os.getpid()}"),
+        datadir=os.path.join(
+            tempfile.gettempdir(), f"faust-{settings.group_id(stage_id)}-{os.getpid()}"
+        ),
         producer_acks=-1,
     )
     app.batch_topics = frozenset(spec.inputs)
@@ -300,11 +328,21 @@ def build_app(settings: Settings, stage_id: str) -> tuple[StageApp, Binding]:
         except asyncio.CancelledError:
             raise
         except Exception:
-            log.critical("stage %s: unexpected error, exiting without commit", stage_id, exc_info=True)
+            log.critical(
+                "stage %s: unexpected error, exiting without commit", stage_id, exc_info=True
+            )
             logging.shutdown()
             os._exit(EXIT_BUG)
 
     app.agent(topic, name=f"{stage_id}-agent", concurrency=1)(agent)
+
+    async def on_rebalance_complete(sender: Any, **_: Any) -> None:
+        assigned = [tp for tp in app.consumer.assignment() if tp.topic in app.batch_topics]
+        metrics.ASSIGNED_PARTITIONS.labels(stage_id).set(len(assigned))
+        metrics.REBALANCES.labels(stage_id).inc()
+        log.info("stage %s: %d input partitions assigned", stage_id, len(assigned))
+
+    app.on_rebalance_complete.connect(on_rebalance_complete)  # type: ignore[arg-type]
 
     if isinstance(binding, AggregateBinding):
         tick_binding = binding
@@ -321,13 +359,41 @@ def build_app(settings: Settings, stage_id: str) -> tuple[StageApp, Binding]:
     return app, binding
 
 
+def dump_tasks(*_: Any) -> None:
+    """Log where every suspended coroutine and async generator waits: ``kill -USR2 <pid>``.
+
+    For a stuck worker: unlike a thread dump, this shows asyncio code paths.
+    """
+    import gc
+    import types
+
+    lines = []
+    for obj in gc.get_objects():
+        if isinstance(obj, types.CoroutineType):
+            frame, name = obj.cr_frame, obj.cr_code.co_qualname
+        elif isinstance(obj, types.AsyncGeneratorType):
+            frame, name = obj.ag_frame, obj.ag_code.co_qualname
+        else:
+            continue
+        if frame is None:
+            continue
+        lines.append(f"{name} at {frame.f_code.co_filename}:{frame.f_lineno}")
+    log.warning("%d suspended coroutines:\n%s", len(lines), "\n".join(sorted(lines)))
+
+
 def run_stage(settings: Settings, stage_id: str) -> None:
-    """Run one stage worker in the foreground until SIGTERM/SIGINT."""
+    """Run one stage worker in the foreground until SIGTERM/SIGINT.
+
+    SIGUSR2 logs where every coroutine waits (for a stuck worker).
+    """
+    signal.signal(signal.SIGUSR2, dump_tasks)
     app, binding = build_app(settings, stage_id)
     if settings.metrics_port is not None:
         port = metrics.serve(settings.metrics_host, settings.metrics_port)
         log.info("stage %s: metrics on http://%s:%d/metrics", stage_id, settings.metrics_host, port)
-    worker = faust.Worker(app, loglevel=settings.log_level.upper(), quiet=True, redirect_stdouts=False)
+    worker = faust.Worker(
+        app, loglevel=settings.log_level.upper(), quiet=True, redirect_stdouts=False
+    )
     try:
         worker.execute_from_commandline()
     finally:

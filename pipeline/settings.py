@@ -17,8 +17,15 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, ValidationError
-from pydantic import model_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from pipeline.errors import ConfigError
@@ -131,9 +138,17 @@ class Settings(BaseSettings):
         if missing:
             raise ValueError(f"stage(s) {missing} are not declared under 'stages'")
         for stage_id, spec in self.stages.items():
-            for topic in (*spec.inputs, spec.output, spec.dlq, spec.registry_topic, spec.state_topic):
+            for topic in (
+                *spec.inputs,
+                spec.output,
+                spec.dlq,
+                spec.registry_topic,
+                spec.state_topic,
+            ):
                 if topic is not None and topic not in self.topics:
-                    raise ValueError(f"stage {stage_id!r} uses topic {topic!r}, not declared under 'topics'")
+                    raise ValueError(
+                        f"stage {stage_id!r} uses topic {topic!r}, not declared under 'topics'"
+                    )
         if self.stages["enrich"].registry_topic is None:
             raise ValueError("stage 'enrich' needs a 'registry_topic'")
         agg = self.stages["aggregate"]
@@ -183,7 +198,9 @@ class _YamlSource(PydanticBaseSettingsSource):
         except OSError as exc:
             raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
         except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {exc}".replace("\n", " ")) from None
+            raise ConfigError(
+                f"config file {path} is not valid YAML: {exc}".replace("\n", " ")
+            ) from None
         if data is None:
             return {}
         if not isinstance(data, dict):
@@ -203,7 +220,9 @@ def load_settings(config_path: str | Path | None = None, **overrides: Any) -> Se
     """Read and validate settings; raise :class:`ConfigError` with one clear line."""
     path = Path(config_path) if config_path is not None else default_config_path()
     if not path.exists():
-        raise ConfigError(f"config file {path} does not exist; set PIPELINE_CONFIG or pass --config")
+        raise ConfigError(
+            f"config file {path} does not exist; set PIPELINE_CONFIG or pass --config"
+        )
     token = _config_path.set(path)
     try:
         return Settings(**overrides)

@@ -18,8 +18,12 @@ from dlq.reasons import Reason
 from pipeline.kafka import DeliveryError, producer
 from pipeline.settings import Settings
 
-METRICS = (("temperature", "C", 21.0, 4.0), ("humidity", "%", 45.0, 10.0),
-           ("power", "W", 800.0, 300.0), ("pressure", "hPa", 1013.0, 8.0))
+METRICS = (
+    ("temperature", "C", 21.0, 4.0),
+    ("humidity", "%", 45.0, 10.0),
+    ("power", "W", 800.0, 300.0),
+    ("pressure", "hPa", 1013.0, 8.0),
+)
 BAD_KINDS: tuple[tuple[Reason, str], ...] = (
     (Reason.DECODE_ERROR, "parse"),
     (Reason.SCHEMA_VIOLATION, "parse"),
@@ -81,7 +85,9 @@ def generate(
         roll = rng.random()
         if roll < bad_ratio:
             reason, stage = BAD_KINDS[rng.randrange(len(BAD_KINDS))]
-            yield _bad(rng, reason, stage, device_id, start_ms + round_no * interval_ms, max_payload)
+            yield _bad(
+                rng, reason, stage, device_id, start_ms + round_no * interval_ms, max_payload
+            )
             emitted += 1
             continue
         metric, unit, mean, spread = metric_of(device_id)
@@ -92,9 +98,19 @@ def generate(
         if rng.random() < csv_ratio:
             payload = f"{device_id},{ts},{seq},{metric},{value},{unit}".encode()
         else:
-            payload = orjson.dumps({"device_id": device_id, "ts": ts, "seq": seq,
-                                    "metric": metric, "value": value, "unit": unit})
-        record = SimRecord(device_id.encode(), payload, "good", None, device_id, metric, ts, seq, value)
+            payload = orjson.dumps(
+                {
+                    "device_id": device_id,
+                    "ts": ts,
+                    "seq": seq,
+                    "metric": metric,
+                    "value": value,
+                    "unit": unit,
+                }
+            )
+        record = SimRecord(
+            device_id.encode(), payload, "good", None, device_id, metric, ts, seq, value
+        )
         if held is None and rng.random() < disorder_ratio:
             held = record  # sent after the next record: out of order
             continue
@@ -102,41 +118,104 @@ def generate(
             yield r
             emitted += 1
             if emitted < count and rng.random() < dup_ratio:
-                yield SimRecord(r.key, r.value, "duplicate", None, r.device_id, r.metric, r.ts, r.seq, r.value_num)
+                yield SimRecord(
+                    r.key,
+                    r.value,
+                    "duplicate",
+                    None,
+                    r.device_id,
+                    r.metric,
+                    r.ts,
+                    r.seq,
+                    r.value_num,
+                )
                 emitted += 1
         held = None
     if held is not None:
         yield held
 
 
-def _bad(rng: random.Random, reason: Reason, stage: str, device_id: str, ts: int, max_payload: int) -> SimRecord:
+def _bad(
+    rng: random.Random, reason: Reason, stage: str, device_id: str, ts: int, max_payload: int
+) -> SimRecord:
     """A poison record; each is unique (its own seq), so ingest never drops one as a repeat."""
     key = device_id.encode()
     seq = rng.randrange(10**6, 10**12)
     if reason is Reason.DECODE_ERROR:
         value = rng.choice([b"{not json", b"\xff\xfe\x00binary", b"a,b,c", b"[1,2,3]"])
     elif reason is Reason.SCHEMA_VIOLATION:
-        value = orjson.dumps(rng.choice([
-            {"device_id": device_id, "ts": ts, "seq": seq, "value": 1.0, "unit": "C"},
-            {"device_id": "", "ts": ts, "seq": seq, "metric": "temperature", "value": 1.0},
-            {"device_id": device_id, "ts": str(ts), "seq": seq, "metric": "temperature", "value": 1.0},
-            {"device_id": device_id, "ts": ts, "seq": seq, "metric": "temperature", "value": "hot"},
-        ]))
+        value = orjson.dumps(
+            rng.choice(
+                [
+                    {"device_id": device_id, "ts": ts, "seq": seq, "value": 1.0, "unit": "C"},
+                    {"device_id": "", "ts": ts, "seq": seq, "metric": "temperature", "value": 1.0},
+                    {
+                        "device_id": device_id,
+                        "ts": str(ts),
+                        "seq": seq,
+                        "metric": "temperature",
+                        "value": 1.0,
+                    },
+                    {
+                        "device_id": device_id,
+                        "ts": ts,
+                        "seq": seq,
+                        "metric": "temperature",
+                        "value": "hot",
+                    },
+                ]
+            )
+        )
     elif reason is Reason.OUT_OF_RANGE:
-        value = orjson.dumps(rng.choice([
-            {"device_id": device_id, "ts": ts, "seq": seq, "metric": "humidity", "value": 250.0, "unit": "%"},
-            {"device_id": device_id, "ts": 5, "seq": seq, "metric": "temperature", "value": 20.0, "unit": "C"},
-        ]))
+        value = orjson.dumps(
+            rng.choice(
+                [
+                    {
+                        "device_id": device_id,
+                        "ts": ts,
+                        "seq": seq,
+                        "metric": "humidity",
+                        "value": 250.0,
+                        "unit": "%",
+                    },
+                    {
+                        "device_id": device_id,
+                        "ts": 5,
+                        "seq": seq,
+                        "metric": "temperature",
+                        "value": 20.0,
+                        "unit": "C",
+                    },
+                ]
+            )
+        )
     elif reason is Reason.TOO_LARGE:
-        value = orjson.dumps({"device_id": device_id, "ts": ts, "seq": seq, "metric": "x",
-                              "value": 1.0, "unit": "", "pad": "x" * (max_payload + 10)})
+        value = orjson.dumps(
+            {
+                "device_id": device_id,
+                "ts": ts,
+                "seq": seq,
+                "metric": "x",
+                "value": 1.0,
+                "unit": "",
+                "pad": "x" * (max_payload + 10),
+            }
+        )
     elif reason is Reason.EMPTY:
         value = b""
     else:  # UNKNOWN_DEVICE
         ghost = f"ghost-{rng.randrange(1_000_000):06d}"
         key = ghost.encode()
-        value = orjson.dumps({"device_id": ghost, "ts": ts, "seq": seq,
-                              "metric": "temperature", "value": 20.0, "unit": "C"})
+        value = orjson.dumps(
+            {
+                "device_id": ghost,
+                "ts": ts,
+                "seq": seq,
+                "metric": "temperature",
+                "value": 20.0,
+                "unit": "C",
+            }
+        )
     return SimRecord(key, value, str(reason), stage)
 
 
@@ -164,8 +243,16 @@ def run_simulator(
     interval_ms = max(1, int(1000 * devices / rate))
     start = time.monotonic()
     counts: dict[str, int] = {}
-    records = generate(devices, total, start_ms=now_ms(), interval_ms=interval_ms, bad_ratio=bad_ratio,
-                       dup_ratio=dup_ratio, seed=seed, max_payload=settings.ingest.max_payload_bytes)
+    records = generate(
+        devices,
+        total,
+        start_ms=now_ms(),
+        interval_ms=interval_ms,
+        bad_ratio=bad_ratio,
+        dup_ratio=dup_ratio,
+        seed=seed,
+        max_payload=settings.ingest.max_payload_bytes,
+    )
     for sent, record in enumerate(records, start=1):
         if stop():
             break

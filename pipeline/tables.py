@@ -14,7 +14,7 @@ from typing import Any
 import faust
 
 
-class NamedTable(faust.Table):  # type: ignore[misc]
+class NamedTable(faust.Table[bytes, bytes]):
     def __init__(self, app: Any, *, changelog_name: str, **kwargs: Any) -> None:
         self._changelog_name = changelog_name
         super().__init__(app, **kwargs)
@@ -23,7 +23,7 @@ class NamedTable(faust.Table):  # type: ignore[misc]
         return self._changelog_name
 
 
-class NamedGlobalTable(faust.GlobalTable):  # type: ignore[misc]
+class NamedGlobalTable(faust.GlobalTable):
     def __init__(self, app: Any, *, changelog_name: str, **kwargs: Any) -> None:
         self._changelog_name = changelog_name
         super().__init__(app, **kwargs)
@@ -34,23 +34,42 @@ class NamedGlobalTable(faust.GlobalTable):  # type: ignore[misc]
 
 def _raw_schema() -> Any:
     """Keys and values are bytes; the stages encode and decode them."""
-    return faust.Schema(key_type=bytes, value_type=bytes, key_serializer="raw",
-                        value_serializer="raw")
+    return faust.Schema(
+        key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"
+    )
 
 
 def named_table(app: Any, name: str, changelog: str, partitions: int) -> NamedTable:
     """A partitioned table (one changelog partition per input partition)."""
-    table = NamedTable(app, name=name, changelog_name=changelog, partitions=partitions,
-                       default=None, beacon=app.tables.beacon, schema=_raw_schema(),
-                       key_type=bytes, value_type=bytes)
+    table = NamedTable(
+        app,
+        name=name,
+        changelog_name=changelog,
+        partitions=partitions,
+        default=None,
+        beacon=app.tables.beacon,
+        schema=_raw_schema(),
+        key_type=bytes,
+        value_type=bytes,
+    )
     return app.tables.add(table)  # type: ignore[no-any-return]
 
 
 def named_global_table(app: Any, name: str, changelog: str, partitions: int) -> NamedGlobalTable:
     """A table every worker holds whole, kept in sync with its topic after recovery
     (``synchronize_all_active_partitions``: the topic is written by other processes)."""
-    table = NamedGlobalTable(app, name=name, changelog_name=changelog, partitions=partitions,
-                             default=None, beacon=app.tables.beacon, standby_buffer_size=1,
-                             schema=_raw_schema(), key_type=bytes, value_type=bytes,
-                             is_global=True, synchronize_all_active_partitions=True)
+    table = NamedGlobalTable(
+        app,
+        name=name,
+        changelog_name=changelog,
+        partitions=partitions,
+        default=None,
+        beacon=app.tables.beacon,
+        standby_buffer_size=1,
+        schema=_raw_schema(),
+        key_type=bytes,
+        value_type=bytes,
+        is_global=True,
+        synchronize_all_active_partitions=True,
+    )
     return app.tables.add(table)  # type: ignore[no-any-return]

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from confluent_kafka import KafkaError, KafkaException
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient
+from confluent_kafka.cimpl import NewTopic
 
 from pipeline.errors import BrokerError, ConfigError
 from pipeline.settings import Settings
@@ -28,7 +29,9 @@ def _existing(client: AdminClient, timeout: float) -> dict[str, int]:
     return {name: len(t.partitions) for name, t in metadata.topics.items() if t.error is None}
 
 
-def create_topics(settings: Settings, client: AdminClient, timeout: float = 15.0) -> list[TopicStatus]:
+def create_topics(
+    settings: Settings, client: AdminClient, timeout: float = 15.0
+) -> list[TopicStatus]:
     """Create every declared topic that does not exist, with its final partition count.
 
     Existing topics are left alone; one whose partition count differs is reported
@@ -66,7 +69,9 @@ def create_topics(settings: Settings, client: AdminClient, timeout: float = 15.0
     return statuses
 
 
-def list_topics(settings: Settings, client: AdminClient, timeout: float = 15.0) -> list[TopicStatus]:
+def list_topics(
+    settings: Settings, client: AdminClient, timeout: float = 15.0
+) -> list[TopicStatus]:
     existing = _existing(client, timeout)
     statuses = []
     for name, spec in settings.topics.items():

@@ -1,6 +1,6 @@
 """A Faust transport that hands agents one event per fetched partition batch.
 
-Faust spends 200–270 µs of CPU per event in its consume path, which caps a
+Faust spends 200-270 µs of CPU per event in its consume path, which caps a
 per-record agent at a few thousand records/s. For the stage input topics this
 consumer wraps each fetched batch of one partition into a single
 :class:`BatchMessage` (offset = the batch's last offset, ``records`` = the
@@ -61,7 +61,7 @@ class BatchConsumer(faust_aiokafka.Consumer):
     def _batch_topics(self) -> Set[str]:
         return getattr(self.app, "batch_topics", frozenset())
 
-    async def _getmany(self, active_partitions: Any, timeout: float) -> Mapping[TP, Sequence[Any]]:
+    async def _getmany(self, active_partitions: Any, timeout: float) -> Mapping[TP, list[Any]]:
         records = await super()._getmany(active_partitions, timeout)
         batch_topics = self._batch_topics
         return {
@@ -103,7 +103,11 @@ class BatchConsumer(faust_aiokafka.Consumer):
                 committed = self._committed_offset[tp]
                 if committed is not None and message.offset < committed:
                     return False
-                start = message.first_offset if committed is None else max(message.first_offset, committed)
+                start = (
+                    message.first_offset
+                    if committed is None
+                    else max(message.first_offset, committed)
+                )
                 offsets = range(start, message.offset + 1)
                 self._unacked_messages.discard(message)
                 self._acked_index[tp].update(offsets)
@@ -128,6 +132,18 @@ class BatchConsumer(faust_aiokafka.Consumer):
         del acked[: len(run)]
         self._acked_index[tp].difference_update(run)
         return int(run[-1]) + 1
+
+    def on_buffer_full(self, tp: TP) -> None:
+        """Keep fetching a partition whose stream buffer is under pressure.
+
+        Faust removes such a partition from the fetch set and relies on a queue
+        callback to put it back; in our runs a partition sometimes never came
+        back and the stage stalled for good. Backpressure still holds without
+        it: when the agent's queue is full, delivery blocks the fetch loop.
+        """
+
+    def on_buffer_drop(self, tp: TP) -> None:
+        """Nothing to undo: see :meth:`on_buffer_full`."""
 
     async def _add_gap(self, tp: TP, offset_from: int, offset_to: int) -> None:
         if tp.topic in self._batch_topics:

@@ -59,9 +59,17 @@ class Window:
     closed: bool = False
 
     def add(self, ts: int, value: float, lineage: str) -> None:
-        if self.count == 0 or ts < self.first_ts or (ts == self.first_ts and lineage < self.first_lineage_id):
+        if (
+            self.count == 0
+            or ts < self.first_ts
+            or (ts == self.first_ts and lineage < self.first_lineage_id)
+        ):
             self.first_ts, self.first_lineage_id = ts, lineage
-        if self.count == 0 or ts > self.last_ts or (ts == self.last_ts and lineage > self.last_lineage_id):
+        if (
+            self.count == 0
+            or ts > self.last_ts
+            or (ts == self.last_ts and lineage > self.last_lineage_id)
+        ):
             self.last_ts, self.last_lineage_id = ts, lineage
         self.count += 1
         self.total += value
@@ -179,17 +187,23 @@ class AggregateStage:
         self._flush_dirty(partition, state, result)
         return result
 
-    def _add(self, partition: int, state: PartitionState, record: InRecord, result: AggregateResult) -> None:
+    def _add(
+        self, partition: int, state: PartitionState, record: InRecord, result: AggregateResult
+    ) -> None:
         try:
             doc = orjson.loads(record.value or b"")
             device_id, metric, ts = doc["device_id"], doc["metric"], int(doc["ts"])
             value = float(doc["value"])
             site, unit = doc.get("site", ""), doc.get("unit", "")
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-            raise InvalidMessage(Reason.SCHEMA_VIOLATION, "input is not an enriched/1 record") from None
+            raise InvalidMessage(
+                Reason.SCHEMA_VIOLATION, "input is not an enriched/1 record"
+            ) from None
         lineage_raw = contract.header_map(record.headers).get(contract.H_LINEAGE)
-        lineage = lineage_raw.decode("ascii", "replace") if lineage_raw else contract.lineage_id(
-            ts, record.topic, record.partition, record.offset
+        lineage = (
+            lineage_raw.decode("ascii", "replace")
+            if lineage_raw
+            else contract.lineage_id(ts, record.topic, record.partition, record.offset)
         )
         start = ts - ts % self.window_ms
         wkey = (device_id, metric, start)
@@ -197,7 +211,10 @@ class AggregateStage:
         if window is not None and lineage in window.ids:
             result.duplicates += 1
             return
-        if state.watermark is not None and start + self.window_ms + self.lateness_ms <= state.watermark:
+        if (
+            state.watermark is not None
+            and start + self.window_ms + self.lateness_ms <= state.watermark
+        ):
             raise InvalidMessage(
                 Reason.LATE,
                 f"reading at {ts} is for window [{start}, {start + self.window_ms}) "
@@ -213,7 +230,9 @@ class AggregateStage:
         if state.watermark is None or ts > state.watermark:
             self._advance(partition, state, ts, result)
 
-    def _advance(self, partition: int, state: PartitionState, watermark: int, result: AggregateResult) -> None:
+    def _advance(
+        self, partition: int, state: PartitionState, watermark: int, result: AggregateResult
+    ) -> None:
         state.watermark = watermark
         result.dirty[watermark_state_key(partition)] = orjson.dumps({"watermark": watermark})
         closing = state.closing
@@ -230,7 +249,9 @@ class AggregateStage:
                 (contract.H_TRACEPARENT, contract.new_traceparent().encode()),
             ]
             result.outputs.append(
-                OutRecord(window.device_id.encode(), orjson.dumps(window.result()), headers, window.end)
+                OutRecord(
+                    window.device_id.encode(), orjson.dumps(window.result()), headers, window.end
+                )
             )
             result.touched.add(wkey)
         evicting = state.evicting
@@ -259,7 +280,9 @@ class AggregateStage:
         if state.idle_base is None:
             state.idle_base = state.watermark
         target = state.idle_base + int(idle_for * 1000)
-        if state.closing and state.closing[0][0] <= target or state.evicting and state.evicting[0][0] <= target:
+        if (state.closing and state.closing[0][0] <= target) or (
+            state.evicting and state.evicting[0][0] <= target
+        ):
             # Only worth a state write when a window closes or is forgotten.
             self._advance(partition, state, target, result)
             self._flush_dirty(partition, state, result)

@@ -80,7 +80,9 @@ def read_registry_csv(text: str) -> list[Device]:
         try:
             offset = float(raw_offset)
         except ValueError:
-            raise ValueError(f"line {line_no}: calibration_offset {raw_offset!r} is not a number") from None
+            raise ValueError(
+                f"line {line_no}: calibration_offset {raw_offset!r} is not a number"
+            ) from None
         if not math.isfinite(offset):
             raise ValueError(f"line {line_no}: calibration_offset must be finite")
         devices.append(
@@ -109,7 +111,9 @@ class EnrichStage:
             device_id = reading["device_id"]
             value = float(reading["value"])
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-            raise InvalidMessage(Reason.SCHEMA_VIOLATION, "input is not a reading/1 record") from None
+            raise InvalidMessage(
+                Reason.SCHEMA_VIOLATION, "input is not a reading/1 record"
+            ) from None
         device = self._lookup(device_id)
         if device is None:
             raise RetryableError(Reason.UNKNOWN_DEVICE, "device_id is not in the registry")
@@ -123,7 +127,7 @@ class EnrichStage:
         incoming = contract.header_map(record.headers)
         headers = contract.with_headers(
             incoming,
-            **{
+            {
                 contract.H_TRACEPARENT: contract.child_traceparent(
                     incoming.get(contract.H_TRACEPARENT)
                 ),

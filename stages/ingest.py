@@ -87,7 +87,12 @@ def sniff_identity(payload: bytes) -> Identity | None:
             ts = int(ts)
         except ValueError:
             ts = None
-    if not isinstance(device_id, str) or not device_id or seq is None or isinstance(seq, dict | list):
+    if (
+        not isinstance(device_id, str)
+        or not device_id
+        or seq is None
+        or isinstance(seq, dict | list)
+    ):
         return None
     ts_int = ts if isinstance(ts, int) and not isinstance(ts, bool) else None
     return device_id, str(seq), ts_int
@@ -139,7 +144,7 @@ class IngestStage:
             source = incoming.get(contract.H_SOURCE, contract.SOURCE_LIVE.encode())
             headers = contract.with_headers(
                 incoming,
-                **{
+                {
                     contract.H_LINEAGE: lineage,
                     contract.H_TRACEPARENT: contract.child_traceparent(
                         incoming.get(contract.H_TRACEPARENT)

@@ -14,7 +14,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 import orjson
 
@@ -51,7 +51,7 @@ class Reading:
         )
 
 
-def _is_int(x: Any) -> bool:
+def _is_int(x: Any) -> TypeGuard[int]:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
@@ -59,16 +59,18 @@ def decode(payload: bytes) -> dict[str, Any]:
     """A JSON object or CSV line as a dict of raw fields; raise ``decode_error``."""
     if payload.lstrip()[:1] == b"{":
         try:
-            doc = orjson.loads(payload)
+            parsed: Any = orjson.loads(payload)
         except orjson.JSONDecodeError as exc:
             raise InvalidMessage(Reason.DECODE_ERROR, f"invalid JSON: {exc}") from None
-        if not isinstance(doc, dict):
+        if not isinstance(parsed, dict):
             raise InvalidMessage(Reason.DECODE_ERROR, "JSON payload is not an object")
-        return doc
+        return parsed
     try:
         text = payload.decode("utf-8")
     except UnicodeDecodeError:
-        raise InvalidMessage(Reason.DECODE_ERROR, "payload is neither JSON nor UTF-8 text") from None
+        raise InvalidMessage(
+            Reason.DECODE_ERROR, "payload is neither JSON nor UTF-8 text"
+        ) from None
     fields = [f.strip() for f in text.strip().split(",")]
     if len(fields) != len(FIELDS):
         raise InvalidMessage(
@@ -144,7 +146,7 @@ class ParseStage:
             incoming = contract.header_map(record.headers)
             headers = contract.with_headers(
                 incoming,
-                **{
+                {
                     contract.H_TRACEPARENT: contract.child_traceparent(
                         incoming.get(contract.H_TRACEPARENT)
                     ),

@@ -1,0 +1,263 @@
+"""Real processes on a real broker: helpers for the integration tests."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+import yaml
+from confluent_kafka import Message
+from prometheus_client.parser import text_string_to_metric_families
+
+from pipeline.broker import free_port
+from pipeline.kafka import admin, producer, read_topic
+from pipeline.settings import Settings, load_settings
+from pipeline.simulator import SimRecord
+from pipeline.topics import create_topics
+from stages.enrich import Device
+
+REPO = Path(__file__).resolve().parents[2]
+_counter = itertools.count()
+
+# Short windows so tests finish fast; lateness above the generator's disorder
+# (adjacent swaps, < 1.5 s) so no good reading is late.
+TEST_ENV = {
+    "PIPELINE_AGGREGATE__WINDOW_S": "5",
+    "PIPELINE_AGGREGATE__ALLOWED_LATENESS_S": "3",
+    "PIPELINE_AGGREGATE__IDLE_TIMEOUT_S": "1",
+    "PIPELINE_RUNNER__SESSION_TIMEOUT_S": "6",
+    "PIPELINE_RUNNER__COMMIT_INTERVAL_S": "0.5",
+    "PIPELINE_LOG_LEVEL": "info",
+}
+
+
+def isolated_config(
+    tmp_path: Path, bootstrap: str, partitions: int | None = None
+) -> tuple[Path, Settings]:
+    """A pipeline.yaml whose topics and groups no other test shares."""
+    tag = f"t{os.getpid()}x{next(_counter)}"
+    doc = yaml.safe_load((REPO / "config" / "pipeline.yaml").read_text())
+    rename = {name: f"{tag}.{name}" for name in doc["topics"]}
+    doc["topics"] = {rename[n]: spec for n, spec in doc["topics"].items()}
+    if partitions is not None:
+        for spec in doc["topics"].values():
+            if spec["partitions"] > 1:
+                spec["partitions"] = partitions
+    for spec in doc["stages"].values():
+        spec["inputs"] = [rename[t] for t in spec["inputs"]]
+        for key in ("output", "dlq", "registry_topic", "state_topic"):
+            if key in spec:
+                spec[key] = rename[spec[key]]
+    doc["app_prefix"] = f"{tag}-pipeline"
+    path = tmp_path / f"{tag}.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    env = {k: v for k, v in TEST_ENV.items()}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        settings = load_settings(path, kafka_bootstrap_servers=bootstrap)
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    statuses = create_topics(settings, admin(settings))
+    assert all(s.action == "created" for s in statuses), statuses
+    return path, settings
+
+
+@dataclass
+class StageProcess:
+    stage: str
+    config: Path
+    bootstrap: str
+    log_path: Path
+    port: int = 0
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> StageProcess:
+        self.port = free_port()
+        env = {
+            **os.environ,
+            **TEST_ENV,
+            "KAFKA_BOOTSTRAP_SERVERS": self.bootstrap,
+            "PIPELINE_CONFIG": str(self.config),
+            "PIPELINE_METRICS_PORT": str(self.port),
+        }
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "pipeline.cli", "run", self.stage],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=REPO,
+            )
+        return self
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+    def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=2) as r:
+            text = r.read().decode()
+        out = {}
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+        return out
+
+    def counter(self, name: str) -> float:
+        try:
+            samples = self.metrics()
+        except OSError:
+            return 0.0
+        return sum(v for (n, _), v in samples.items() if n == name)
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+
+class Pipeline:
+    """The four stages as separate processes, on isolated topics."""
+
+    def __init__(self, config: Path, settings: Settings, log_dir: Path) -> None:
+        self.config = config
+        self.settings = settings
+        self.log_dir = log_dir
+        self.workers: dict[str, list[StageProcess]] = defaultdict(list)
+
+    def start(self, stage: str) -> StageProcess:
+        n = len(self.workers[stage])
+        proc = StageProcess(
+            stage,
+            self.config,
+            self.settings.kafka_bootstrap_servers or "",
+            self.log_dir / f"{stage}-{n}.log",
+        ).start()
+        self.workers[stage].append(proc)
+        return proc
+
+    def start_all(self) -> None:
+        for stage in ("ingest", "parse", "enrich", "aggregate"):
+            self.start(stage)
+
+    def stop_all(self) -> None:
+        for procs in self.workers.values():
+            for p in procs:
+                p.stop()
+
+    def check_alive(self) -> None:
+        for procs in self.workers.values():
+            for p in procs:
+                if p.proc is not None and p.proc.poll() not in (
+                    None,
+                    0,
+                    -signal.SIGKILL,
+                    -signal.SIGTERM,
+                ):
+                    raise AssertionError(f"{p.stage} exited {p.proc.returncode}:\n{p.log_tail()}")
+
+    def logs(self) -> str:
+        return "\n\n".join(
+            f"== {p.log_path.name}\n{p.log_tail()}"
+            for procs in self.workers.values()
+            for p in procs
+        )
+
+
+def produce(settings: Settings, topic: str, records: Iterable[SimRecord]) -> int:
+    client = producer(settings)
+    n = 0
+    for r in records:
+        client.produce(topic, r.value, r.key)
+        client.poll(0)
+        n += 1
+    assert client.flush(30) == 0
+    return n
+
+
+def publish_devices(settings: Settings, devices: Iterable[Device]) -> None:
+    from pipeline.registry import publish_registry
+
+    publish_registry(settings, list(devices))
+
+
+def wait_for(
+    predicate: Callable[[], bool],
+    timeout: float,
+    what: str,
+    on_timeout: Callable[[], str] = lambda: "",
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}\n{on_timeout()}")
+
+
+def aggregates(settings: Settings) -> list[dict[str, Any]]:
+    return [
+        orjson.loads(m.value()) for m in read_topic(settings, settings.stages["aggregate"].output)
+    ]
+
+
+def dead_letters(settings: Settings, stage: str) -> list[Message]:
+    return read_topic(settings, settings.stages[stage].dlq)
+
+
+def expected_windows(
+    records: Iterable[SimRecord], devices: dict[str, Device], window_ms: int
+) -> dict[tuple[str, str, int], dict[str, Any]]:
+    """Direct batch computation of the aggregates of the good readings."""
+    acc: dict[tuple[str, str, int], list[tuple[int, float]]] = defaultdict(list)
+    seen: set[tuple[str, int]] = set()
+    for r in records:
+        if r.kind != "good":
+            continue
+        assert r.device_id is not None and r.ts is not None and r.seq is not None
+        assert (r.device_id, r.seq) not in seen
+        seen.add((r.device_id, r.seq))
+        value = float(r.value_num or 0.0) + devices[r.device_id].calibration_offset
+        acc[(r.device_id, r.metric or "", r.ts - r.ts % window_ms)].append((r.ts, value))
+    out = {}
+    for key, items in acc.items():
+        values = [v for _, v in items]
+        out[key] = {
+            "count": len(values),
+            "min": min(values),
+            "max": max(values),
+            "mean": sum(values) / len(values),
+            "first_ts": min(t for t, _ in items),
+            "last_ts": max(t for t, _ in items),
+            "site": devices[key[0]].site,
+        }
+    return out

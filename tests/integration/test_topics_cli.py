@@ -1,0 +1,95 @@
+"""Topic provisioning and CLI errors against the real broker."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from click.testing import CliRunner
+from confluent_kafka.admin import NewTopic
+
+from pipeline.cli import cli
+from pipeline.kafka import admin
+from tests.integration.harness import REPO, isolated_config
+
+
+def run_cli(args, env=None):
+    return CliRunner().invoke(cli, args, env=env, catch_exceptions=False)
+
+
+def test_topics_create_is_idempotent_and_list_reports_json(broker, tmp_path):
+    config, settings = isolated_config(tmp_path, broker.bootstrap)  # creates them once
+    env = {"KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap}
+    again = run_cli(["--config", str(config), "topics", "create", "--json"], env)
+    assert again.exit_code == 0, again.output
+    statuses = json.loads(again.output)
+    assert {s["status"] for s in statuses} == {"exists"}
+    assert {s["name"] for s in statuses} == set(settings.topics)
+    listed = json.loads(run_cli(["--config", str(config), "topics", "list", "--json"], env).output)
+    by_name = {s["name"]: s for s in listed}
+    for name, spec in settings.topics.items():
+        assert by_name[name]["actual_partitions"] == spec.partitions
+
+
+def test_partition_mismatch_is_reported_not_fixed(broker, tmp_path):
+    config, settings = isolated_config(tmp_path, broker.bootstrap)
+    text = config.read_text()
+    name = next(n for n in settings.topics if n.endswith(".iot.landing"))
+    client = admin(settings)
+    odd = name.replace("iot.landing", "iot.odd")
+    client.create_topics([NewTopic(odd, 2, -1)])[odd].result()
+    config.write_text(text.replace("topics:\n", f"topics:\n  {odd}:\n    partitions: 3\n", 1))
+    result = run_cli(
+        ["--config", str(config), "topics", "create"], {"KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap}
+    )
+    assert result.exit_code == 2
+    assert f"topic {odd} exists with 2 partitions, pipeline.yaml says 3" in result.output
+
+
+def test_cli_errors_are_one_line_with_exit_codes(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("topics: {}\nstages: {}\n")
+    env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": ""}
+    env.pop("KAFKA_BOOTSTRAP_SERVERS")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "--config", str(bad), "topics", "list"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: invalid setting")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "topics", "list"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=60,
+    )
+    assert proc.returncode == 3
+    assert proc.stderr.strip() == (
+        "error: no broker configured; set KAFKA_BOOTSTRAP_SERVERS or run `pipeline broker`"
+    )
+    result = CliRunner().invoke(cli, ["run", "transform"])
+    assert result.exit_code == 2 and "transform" in result.output
+
+
+def test_unreachable_broker_is_a_clear_error_not_a_hang(tmp_path):
+    from pipeline.broker import free_port
+
+    env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{free_port()}"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "topics", "list"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=90,
+    )
+    assert proc.returncode == 3
+    assert proc.stderr.startswith("error: cannot read topic metadata")

@@ -1,0 +1,80 @@
+import orjson
+import pytest
+
+from pipeline import contract
+from stages.enrich import Device, EnrichStage, read_registry_csv
+from tests.unit.records import rec
+
+
+def parsed(device="dev-1", value=20.0, unit="C"):
+    return {
+        "device_id": device,
+        "ts": 1_700_000_000_000,
+        "seq": 1,
+        "metric": "temperature",
+        "value": value,
+        "unit": unit,
+    }
+
+
+def test_registry_csv_keeps_extra_columns_as_attributes():
+    devices = read_registry_csv(
+        "device_id,site,device_type,unit,calibration_offset,firmware,floor\n"
+        "dev-1,site-a,thermometer,C,-0.5,1.2.0,3\n"
+        "dev-2,site-b,hygrometer,%,,1.0.0,1\n"
+    )
+    assert devices[0] == Device(
+        "dev-1", "site-a", "thermometer", "C", -0.5, {"firmware": "1.2.0", "floor": "3"}
+    )
+    assert devices[1].calibration_offset == 0.0
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("device_id,site,unit\nd,s,C\n", "lacks column"),
+        ("device_id,site,device_type,unit\n,s,t,C\n", "line 2"),
+        ("device_id,site,device_type,unit,calibration_offset\nd,s,t,C,abc\n", "not a number"),
+        ("device_id,site,device_type,unit,calibration_offset\nd,s,t,C,inf\n", "finite"),
+    ],
+)
+def test_registry_csv_errors_name_the_problem(text, message):
+    with pytest.raises(ValueError, match=message):
+        read_registry_csv(text)
+
+
+def test_device_round_trips_through_json():
+    d = Device("dev-1", "s", "t", "C", 0.25, {"a": "b"})
+    assert Device.from_json(d.to_json()) == d
+
+
+def test_enrich_joins_registry_and_calibrates():
+    registry = {"dev-1": Device("dev-1", "site-a", "thermometer", "C", -0.5, {"floor": "3"})}
+    parent = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    record = rec(
+        parsed(value=20.0), key=b"dev-1", headers=(("traceparent", parent), ("lineage-id", b"L"))
+    )
+    result = EnrichStage(registry.get).process([record])
+    assert not result.dead
+    out = orjson.loads(result.outputs[0].value)
+    assert out["value"] == 19.5 and out["raw_value"] == 20.0
+    assert (out["site"], out["device_type"], out["attributes"]) == (
+        "site-a",
+        "thermometer",
+        {"floor": "3"},
+    )
+    h = contract.header_map(result.outputs[0].headers)
+    assert h["lineage-id"] == b"L" and h["schema"] == b"enriched/1"
+    assert h["traceparent"].split(b"-")[1] == parent.split(b"-")[1]
+
+
+def test_registry_unit_fills_a_missing_unit():
+    registry = {"dev-1": Device("dev-1", "s", "t", "hPa")}
+    out = EnrichStage(registry.get).process([rec(parsed(unit=""))]).outputs[0]
+    assert orjson.loads(out.value)["unit"] == "hPa"
+
+
+def test_unknown_device_and_garbage_are_dead_letters():
+    result = EnrichStage({}.get).process([rec(parsed("ghost")), rec(b"nope")])
+    assert [str(d.reason) for d in result.dead] == ["unknown_device", "schema_violation"]
+    assert result.dead[0].error_class == "InvalidMessage"
