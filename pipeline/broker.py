@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import logging
 import os
 import signal
 import socket
@@ -22,13 +23,18 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from confluent_kafka.admin import AdminClient
 
 from pipeline.errors import BrokerError
 
 BrokerKind = Literal["configured", "container", "embedded"]
+
+# Connection refusals while a broker starts are expected; they are not news.
+_QUIET = logging.getLogger("pipeline.broker.probe")
+_QUIET.addHandler(logging.NullHandler())
+_QUIET.propagate = False
 
 
 @dataclass
@@ -56,7 +62,12 @@ def free_port() -> int:
 
 def wait_until_ready(bootstrap: str, timeout: float = 20.0) -> None:
     """Return once the broker answers a metadata request; raise BrokerError otherwise."""
-    client = AdminClient({"bootstrap.servers": bootstrap, "socket.timeout.ms": 2000})
+    config: dict[str, Any] = {
+        "bootstrap.servers": bootstrap,
+        "socket.timeout.ms": 2000,
+        "logger": _QUIET,
+    }
+    client = AdminClient(config)
     deadline = time.monotonic() + timeout
     last: Exception | None = None
     while time.monotonic() < deadline:

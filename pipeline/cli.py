@@ -202,6 +202,7 @@ def run(ctx: click.Context, stage: str, metrics_port: int | None) -> None:
 
     overrides = {"metrics_port": metrics_port} if metrics_port is not None else {}
     settings = settings_from(ctx, **overrides)
+    logging.getLogger("pipeline.rdkafka").propagate = True
     logging.basicConfig(
         level=settings.log_level.upper(),
         format=f"%(asctime)s {stage} %(levelname)s %(name)s: %(message)s",
@@ -289,6 +290,10 @@ def demo(
 
 
 def main() -> None:
+    # librdkafka reports every failed connection attempt; commands report one line.
+    rdkafka = logging.getLogger("pipeline.rdkafka")
+    rdkafka.addHandler(logging.NullHandler())
+    rdkafka.propagate = False
     cli(obj={})
 
 

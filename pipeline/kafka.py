@@ -11,6 +11,7 @@ the last batch + 1, not the end (see TEST_BROKER.md); on real Kafka both agree.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 import uuid
@@ -41,11 +42,17 @@ def bootstrap(settings: Settings) -> str:
     return settings.kafka_bootstrap_servers
 
 
+#: librdkafka's own log lines go here (not straight to stderr); the CLI silences
+#: it, stage workers log it.
+RDKAFKA_LOG = logging.getLogger("pipeline.rdkafka")
+
+
 def client_config(settings: Settings) -> dict[str, Any]:
     """Connection and security settings shared by every confluent-kafka client."""
     config: dict[str, Any] = {
         "bootstrap.servers": bootstrap(settings),
         "security.protocol": settings.kafka_security_protocol,
+        "logger": RDKAFKA_LOG,
     }
     if settings.kafka_sasl_mechanism:
         config["sasl.mechanism"] = settings.kafka_sasl_mechanism

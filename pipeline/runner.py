@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import signal
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -27,13 +26,14 @@ from typing import Any
 import faust
 
 from dlq.envelope import DeadLetter
-from pipeline import contract, metrics
+from pipeline import contract, diagnostics, metrics
 from pipeline.faust_fixes import apply_faust_fixes
 from pipeline.kafka import AsyncProducer, bootstrap, client_config, high_watermarks, producer
+from pipeline.lag import UpstreamQuiet
 from pipeline.settings import Settings
 from pipeline.tables import named_global_table, named_table
 from pipeline.transport import BatchTransport
-from stages.aggregate import AggregateStage
+from stages.aggregate import AggregateResult, AggregateStage
 from stages.enrich import Device, EnrichStage
 from stages.ingest import IngestStage
 from stages.model import InRecord, StageResult
@@ -223,6 +223,16 @@ class AggregateBinding(Binding):
         self.table = named_table(app, "windows", topic, partitions)
         self.stage = AggregateStage(settings.aggregate)
         self._loaded: dict[int, int] = {}  # partition -> consumer generation it was loaded in
+        self.upstream_quiet = UpstreamQuiet(
+            settings, stage_id, ttl=max(0.5, settings.aggregate.idle_timeout_s / 2)
+        )
+
+    def _idle_partitions(self) -> bool:
+        now = time.time()
+        return any(
+            now - state.last_input_at >= self.stage.idle_timeout_s and state.watermark is not None
+            for state in self.stage.partitions.values()
+        )
 
     def _ensure_loaded(self, partition: int) -> None:
         generation = self.app.consumer_generation_id
@@ -237,19 +247,25 @@ class AggregateBinding(Binding):
         return self.stage.process(partition, records)
 
     def after_delivery(self, partition: int, result: StageResult) -> None:
-        dirty = getattr(result, "dirty", {})
+        """Apply the state writes to the table and its changelog, in their order."""
+        assert isinstance(result, AggregateResult)
         data = self.table.data
-        for key, value in dirty.items():
+        for key, value in result.writes:
             if value is None:
                 data.pop(key, None)
             else:
                 data[key] = value
             self.table.send_changelog(partition, key, value, value_serializer="raw")
-        emitted = getattr(result, "windows_emitted", 0)
-        if emitted:
-            metrics.WINDOWS_EMITTED.labels(self.stage_id).inc(emitted)
+        if result.windows_emitted:
+            metrics.WINDOWS_EMITTED.labels(self.stage_id).inc(result.windows_emitted)
 
     async def tick(self) -> None:
+        """Close windows of idle partitions, if every stage upstream is caught up."""
+        if not self._idle_partitions():
+            return
+        loop = asyncio.get_running_loop()
+        if not await loop.run_in_executor(None, self.upstream_quiet):
+            return
         generation = self.app.consumer_generation_id
         assigned = {
             tp.partition for tp in self.app.consumer.assignment() if tp.topic in self.spec.inputs
@@ -259,7 +275,7 @@ class AggregateBinding(Binding):
                 continue
             async with self.lock:
                 result = self.stage.tick(partition)
-                if result.outputs or result.dirty:
+                if result.outputs or result.writes:
                     await self.deliver(result)
                     self.after_delivery(partition, result)
             if result.outputs:
@@ -359,35 +375,14 @@ def build_app(settings: Settings, stage_id: str) -> tuple[StageApp, Binding]:
     return app, binding
 
 
-def dump_tasks(*_: Any) -> None:
-    """Log where every suspended coroutine and async generator waits: ``kill -USR2 <pid>``.
-
-    For a stuck worker: unlike a thread dump, this shows asyncio code paths.
-    """
-    import gc
-    import types
-
-    lines = []
-    for obj in gc.get_objects():
-        if isinstance(obj, types.CoroutineType):
-            frame, name = obj.cr_frame, obj.cr_code.co_qualname
-        elif isinstance(obj, types.AsyncGeneratorType):
-            frame, name = obj.ag_frame, obj.ag_code.co_qualname
-        else:
-            continue
-        if frame is None:
-            continue
-        lines.append(f"{name} at {frame.f_code.co_filename}:{frame.f_lineno}")
-    log.warning("%d suspended coroutines:\n%s", len(lines), "\n".join(sorted(lines)))
-
-
 def run_stage(settings: Settings, stage_id: str) -> None:
     """Run one stage worker in the foreground until SIGTERM/SIGINT.
 
-    SIGUSR2 logs where every coroutine waits (for a stuck worker).
+    SIGQUIT logs a state dump (:mod:`pipeline.diagnostics`); SIGUSR1 makes mode log
+    every thread's and task's stack.
     """
-    signal.signal(signal.SIGUSR2, dump_tasks)
     app, binding = build_app(settings, stage_id)
+    diagnostics.install(app)
     if settings.metrics_port is not None:
         port = metrics.serve(settings.metrics_host, settings.metrics_port)
         log.info("stage %s: metrics on http://%s:%d/metrics", stage_id, settings.metrics_host, port)

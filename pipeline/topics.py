@@ -25,7 +25,10 @@ def _existing(client: AdminClient, timeout: float) -> dict[str, int]:
     try:
         metadata = client.list_topics(timeout=timeout)
     except KafkaException as exc:
-        raise BrokerError(f"cannot read topic metadata: {exc}") from None
+        raise BrokerError(
+            f"cannot read topic metadata: {exc.args[0].str()}; "
+            "check KAFKA_BOOTSTRAP_SERVERS and that the broker is up"
+        ) from None
     return {name: len(t.partitions) for name, t in metadata.topics.items() if t.error is None}
 
 

@@ -19,16 +19,19 @@ which is right on every broker, instead of ListOffsets.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence, Set
+import logging
+from collections.abc import AsyncIterator, Mapping, Sequence, Set
 from typing import Any
 
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP
-from faust.types.tuples import ConsumerMessage, ack_lock
+from faust.types.tuples import ConsumerMessage, Message, ack_lock
 from faust.utils.functional import consecutive_numbers
 from mode.utils.futures import notify
 
 from pipeline.kafka import high_watermarks
+
+logger = logging.getLogger(__name__)
 
 
 class BatchRecord:
@@ -57,6 +60,10 @@ class BatchMessage(ConsumerMessage):
 class BatchConsumer(faust_aiokafka.Consumer):
     """aiokafka-driver consumer that batches the app's ``batch_topics``."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._expected: dict[TP, int] = {}  # next offset to hand to the agent, per partition
+
     @property
     def _batch_topics(self) -> Set[str]:
         return getattr(self.app, "batch_topics", frozenset())
@@ -64,10 +71,105 @@ class BatchConsumer(faust_aiokafka.Consumer):
     async def _getmany(self, active_partitions: Any, timeout: float) -> Mapping[TP, list[Any]]:
         records = await super()._getmany(active_partitions, timeout)
         batch_topics = self._batch_topics
-        return {
-            tp: [BatchRecord(recs)] if recs and tp.topic in batch_topics else recs
-            for tp, recs in records.items()
-        }
+        out: dict[TP, list[Any]] = {}
+        for tp, recs in records.items():
+            if not recs or tp.topic not in batch_topics:
+                out[tp] = recs
+                continue
+            contiguous = await self._contiguous(tp, recs)
+            if contiguous:
+                out[tp] = [BatchRecord(contiguous)]
+        await self._refetch_lost(out)
+        return out
+
+    async def _start_offset(self, tp: TP) -> int:
+        """Where the agent starts in a partition: the group's committed offset, else
+        the log start (``auto_offset_reset=earliest``)."""
+        committed = self._committed_offset.get(tp)
+        if committed is None:
+            aio = self._thread._ensure_consumer()
+            committed = await self._thread.call_thread(aio.committed, tp)
+        if committed is not None and committed >= 0:
+            return int(committed)
+        return int((await self.earliest_offsets(tp)).get(tp, 0))
+
+    async def _refetch_lost(self, fetched: Mapping[TP, Any]) -> None:
+        """Seek back where the fetch position ran ahead of what the agent was handed
+        and no records came: the lost records were the partition's last ones."""
+        for tp, expected in list(self._expected.items()):
+            if tp in fetched:
+                continue
+            position = self._fetch_position(tp)
+            if position is not None and position > expected:
+                logger.warning(
+                    "%s: fetch position %d is past %d, the next offset to process; "
+                    "seeking back to fetch the gap",
+                    tp,
+                    position,
+                    expected,
+                )
+                await self.seek(tp, expected)
+
+    def _fetch_position(self, tp: TP) -> int | None:
+        """aiokafka's fetch position of an assigned partition (None if not known)."""
+        try:
+            assignment = self._thread._ensure_consumer()._subscription.subscription.assignment
+            position = assignment.state_value(tp).position
+        except (AttributeError, KeyError):  # not assigned (any more), or no subscription
+            return None
+        return None if position is None else int(position)
+
+    async def _contiguous(self, tp: TP, records: Sequence[Any]) -> Sequence[Any]:
+        """The part of ``records`` that continues exactly where the agent left off.
+
+        Faust can lose fetched records: while message flow stops around a table
+        recovery or a rebalance it drops a fetched batch, and its seek back to the
+        committed offset does nothing when the group has no committed offset yet
+        (aiokafka seeks only to offsets > 0). The fetch position has then moved
+        past records the agent never saw. Here every partition is handed over
+        without holes: records already handed over are skipped, and a hole makes
+        us seek back to the first missing offset and fetch again.
+        """
+        expected = self._expected.get(tp)
+        if expected is None:
+            expected = self._expected[tp] = await self._start_offset(tp)
+        if records[-1].offset < expected:
+            return ()
+        if records[0].offset < expected:
+            records = [r for r in records if r.offset >= expected]
+        if records[0].offset > expected:
+            logger.warning(
+                "%s: fetched offset %d but %d is next; seeking back to fetch the gap",
+                tp,
+                records[0].offset,
+                expected,
+            )
+            await self.seek(tp, expected)
+            return ()
+        return records
+
+    async def getmany(self, timeout: float) -> AsyncIterator[tuple[TP, Message]]:
+        """Faust's getmany, noting what actually reached the conductor: Faust may
+        still drop a fetched batch inside getmany (flow stopped, partition paused)."""
+        async for tp, message in super().getmany(timeout):
+            if isinstance(message, BatchMessage):
+                self._expected[tp] = message.offset + 1
+            yield tp, message
+
+    async def perform_seek(self) -> None:
+        """After Faust seeks to committed offsets, hand over again from there."""
+        self._expected.clear()
+        await super().perform_seek()
+
+    async def on_partitions_revoked(self, revoked: Set[TP]) -> None:
+        for tp in revoked:
+            self._expected.pop(tp, None)
+        await super().on_partitions_revoked(revoked)
+
+    async def on_partitions_assigned(self, assigned: Set[TP], generation_id: int = 0) -> None:
+        for tp in assigned:
+            self._expected.pop(tp, None)
+        await super().on_partitions_assigned(assigned, generation_id)
 
     def _to_message(self, tp: TP, record: Any) -> ConsumerMessage:
         if not isinstance(record, BatchRecord):
@@ -108,9 +210,11 @@ class BatchConsumer(faust_aiokafka.Consumer):
                     if committed is None
                     else max(message.first_offset, committed)
                 )
-                offsets = range(start, message.offset + 1)
+                index = self._acked_index[tp]
+                # a batch fetched again after a seek may overlap offsets acked before
+                offsets = [o for o in range(start, message.offset + 1) if o not in index]
                 self._unacked_messages.discard(message)
-                self._acked_index[tp].update(offsets)
+                index.update(offsets)
                 self._acked[tp].extend(offsets)
                 self._n_acked += len(offsets)
                 return True

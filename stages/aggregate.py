@@ -13,8 +13,11 @@ The watermark is advanced per record, so results do not depend on how records
 were batched: re-processing the same input gives the same windows. When a
 partition gets no input for ``idle_timeout_s``, :meth:`AggregateStage.tick`
 advances its watermark at wall-clock rate, so the last windows of a stream close.
+The runner calls ``tick`` only while every upstream stage is caught up
+(:class:`pipeline.lag.UpstreamQuiet`): a partition that is quiet because a stage
+before it is down must not close windows its backlog still belongs to.
 
-State changes are reported as ``dirty`` key → bytes (None = delete) for the runner
+State changes are reported as ``writes``, (key, bytes or None = delete) in order, for the runner
 to write to a changelog; :meth:`AggregateStage.load` rebuilds a partition from it.
 """
 
@@ -127,11 +130,13 @@ def watermark_state_key(partition: int) -> bytes:
 
 @dataclass(slots=True)
 class AggregateResult(StageResult):
-    """``dirty`` maps changelog keys to their new value (None: delete the key)."""
+    """``writes``: changelog writes (key, value; None deletes) to apply in this order."""
 
-    dirty: dict[bytes, bytes | None] = field(default_factory=dict)
+    writes: list[tuple[bytes, bytes | None]] = field(default_factory=list)
+    watermark: bytes | None = None
     windows_emitted: int = 0
     touched: set[WindowKey] = field(default_factory=set)
+    last_states: dict[WindowKey, bytes] = field(default_factory=dict)
 
 
 class AggregateStage:
@@ -210,6 +215,10 @@ class AggregateStage:
         window = state.windows.get(wkey)
         if window is not None and lineage in window.ids:
             result.duplicates += 1
+            # A duplicate still moves the watermark as the original did, so a replay
+            # of a batch whose state was partly saved closes the same windows.
+            if state.watermark is None or ts > state.watermark:
+                self._advance(partition, state, ts, result)
             return
         if (
             state.watermark is not None
@@ -234,7 +243,7 @@ class AggregateStage:
         self, partition: int, state: PartitionState, watermark: int, result: AggregateResult
     ) -> None:
         state.watermark = watermark
-        result.dirty[watermark_state_key(partition)] = orjson.dumps({"watermark": watermark})
+        result.watermark = orjson.dumps({"watermark": watermark})
         closing = state.closing
         while closing and closing[0][0] <= watermark:
             _, wkey = heapq.heappop(closing)
@@ -257,16 +266,39 @@ class AggregateStage:
         evicting = state.evicting
         while evicting and evicting[0][0] <= watermark:
             _, wkey = heapq.heappop(evicting)
-            if state.windows.pop(wkey, None) is not None:
+            window = state.windows.pop(wkey, None)
+            if window is not None:
+                if wkey in result.touched:  # changed in this batch: save that first
+                    result.last_states[wkey] = window.to_state()
                 result.touched.add(wkey)
 
     def _flush_dirty(self, partition: int, state: PartitionState, result: AggregateResult) -> None:
+        """Fill ``writes`` in a crash-safe order: window updates, the watermark, then
+        the forgotten windows' deletions.
+
+        The changelog keeps the order of one partition's writes, so whatever
+        prefix of them survives a crash is a state the batch's re-delivery turns
+        into the same result: updates without the new watermark are recognised as
+        duplicates, and a window is only gone once the watermark that forgot it is
+        saved (forgetting it earlier would let its readings in again as new).
+        """
+        writes = result.writes
+        deletions = []
         for wkey in result.touched:
             window = state.windows.get(wkey)
-            result.dirty[window_state_key(partition, wkey)] = (
-                window.to_state() if window is not None else None
-            )
+            key = window_state_key(partition, wkey)
+            if window is not None:
+                writes.append((key, window.to_state()))
+            else:
+                if wkey in result.last_states:  # closed and forgotten in one batch
+                    writes.append((key, result.last_states[wkey]))
+                deletions.append(key)
         result.touched.clear()
+        result.last_states.clear()
+        if result.watermark is not None:
+            writes.append((watermark_state_key(partition), result.watermark))
+            result.watermark = None
+        writes.extend((key, None) for key in deletions)
 
     def tick(self, partition: int) -> AggregateResult:
         """Advance an idle partition's watermark at wall-clock rate; emit what closes."""

@@ -122,6 +122,12 @@ class StageProcess:
                 self.proc.wait()
         return self.proc.returncode
 
+    def dump_state(self) -> None:
+        """Ask the worker to log its state (pipeline.diagnostics) and give it a moment."""
+        if self.alive() and self.proc is not None:
+            self.proc.send_signal(signal.SIGQUIT)
+            time.sleep(1.0)
+
     def kill(self) -> None:
         self.stop(signal.SIGKILL)
 
@@ -186,10 +192,37 @@ class Pipeline:
                     raise AssertionError(f"{p.stage} exited {p.proc.returncode}:\n{p.log_tail()}")
 
     def logs(self) -> str:
-        return "\n\n".join(
-            f"== {p.log_path.name}\n{p.log_tail()}"
+        """Counters of every worker and the warnings and errors from their logs."""
+        counters = {
+            f"{p.stage}[{i}]": (
+                p.counter("pipeline_records_consumed_total"),
+                p.counter("pipeline_records_produced_total"),
+                p.counter("pipeline_dlq_records_total"),
+            )
+            for procs in self.workers.values()
+            for i, p in enumerate(procs)
+        }
+        notable = [
+            f"{p.log_path.name}: {line}"
             for procs in self.workers.values()
             for p in procs
+            for line in p.log_path.read_text(errors="replace").splitlines()
+            if "WARNING" in line or "ERROR" in line or "CRITICAL" in line
+        ]
+        dumps = []
+        for procs in self.workers.values():
+            for p in procs:
+                if p.alive():
+                    p.dump_state()
+                    text = p.log_path.read_text(errors="replace")
+                    if "state dump:" in text:
+                        tail = text.rsplit("state dump:", 1)[1].splitlines()[:12]
+                        dumps.append(f"{p.log_path.name} state:\n" + "\n".join(tail))
+        return (
+            f"consumed/produced/dlq: {counters}\n"
+            + "\n".join(notable[-60:])
+            + "\n"
+            + "\n".join(dumps)
         )
 
 

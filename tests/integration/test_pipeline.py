@@ -164,8 +164,8 @@ def test_table_state_is_complete_after_sigkill(broker, tmp_path, stage):
         )
         time.sleep(2)  # let commits and changelog writes land
         victim.kill()
+        produce(settings, landing, records[half:])  # a backlog builds up while it is down
         restarted = pipe.start(stage)
-        produce(settings, landing, records[half:])
         good = sum(r.kind == "good" for r in records)
         got = wait_for_all_readings(pipe, good)
         assert_windows_match(records, got)
