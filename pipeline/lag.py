@@ -51,18 +51,19 @@ def group_lag(settings: Settings, client: AdminClient, stage_id: str) -> dict[TP
     return {tp: max(0, ends[tp] - (committed.get(tp) or 0)) for tp in tps}
 
 
-class UpstreamQuiet:
-    """Answers "is every stage before ``stage_id`` caught up?", at most once per ``ttl``.
+class PipelineQuiet:
+    """Answers "have ``stage_id`` and every stage before it committed all their
+    input?", at most once per ``ttl``.
 
     An idle partition's watermark may only advance when nothing is on its way:
-    if an upstream stage is down or behind, the readings it has not yet
-    processed would otherwise arrive after their windows closed and be
+    if a stage upstream is down or behind, or records wait in the stage's own
+    input, they would otherwise arrive after their windows closed and be
     dead-lettered as late.
     """
 
     def __init__(self, settings: Settings, stage_id: str, ttl: float) -> None:
         self._settings = settings
-        self._upstream = STAGE_IDS[: STAGE_IDS.index(stage_id)]
+        self._upstream = STAGE_IDS[: STAGE_IDS.index(stage_id) + 1]
         self._ttl = ttl
         self._client: AdminClient | None = None
         self._checked_at = float("-inf")

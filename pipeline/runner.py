@@ -29,7 +29,7 @@ from dlq.envelope import DeadLetter
 from pipeline import contract, diagnostics, metrics
 from pipeline.faust_fixes import apply_faust_fixes
 from pipeline.kafka import AsyncProducer, bootstrap, client_config, high_watermarks, producer
-from pipeline.lag import UpstreamQuiet
+from pipeline.lag import PipelineQuiet
 from pipeline.settings import Settings
 from pipeline.tables import named_global_table, named_table
 from pipeline.transport import BatchTransport
@@ -223,9 +223,10 @@ class AggregateBinding(Binding):
         self.table = named_table(app, "windows", topic, partitions)
         self.stage = AggregateStage(settings.aggregate)
         self._loaded: dict[int, int] = {}  # partition -> consumer generation it was loaded in
-        self.upstream_quiet = UpstreamQuiet(
+        self.pipeline_quiet = PipelineQuiet(
             settings, stage_id, ttl=max(0.5, settings.aggregate.idle_timeout_s / 2)
         )
+        self._quiet_since: float | None = None
 
     def _idle_partitions(self) -> bool:
         now = time.time()
@@ -260,12 +261,18 @@ class AggregateBinding(Binding):
             metrics.WINDOWS_EMITTED.labels(self.stage_id).inc(result.windows_emitted)
 
     async def tick(self) -> None:
-        """Close windows of idle partitions, if every stage upstream is caught up."""
+        """Close windows of idle partitions, while the pipeline up to here is caught up."""
         if not self._idle_partitions():
+            self._quiet_since = None
             return
+        checked_at = time.time()
         loop = asyncio.get_running_loop()
-        if not await loop.run_in_executor(None, self.upstream_quiet):
+        if not await loop.run_in_executor(None, self.pipeline_quiet):
+            self._quiet_since = None
             return
+        if self._quiet_since is None:
+            self._quiet_since = checked_at
+        quiet_since = self._quiet_since
         generation = self.app.consumer_generation_id
         assigned = {
             tp.partition for tp in self.app.consumer.assignment() if tp.topic in self.spec.inputs
@@ -274,10 +281,17 @@ class AggregateBinding(Binding):
             if loaded_in != generation or partition not in assigned:
                 continue
             async with self.lock:
-                result = self.stage.tick(partition)
+                result = self.stage.tick(partition, quiet_since)
                 if result.outputs or result.writes:
                     await self.deliver(result)
                     self.after_delivery(partition, result)
+            if result.windows_emitted:
+                log.info(
+                    "partition %d idle, pipeline caught up: watermark %s, %d windows closed",
+                    partition,
+                    self.stage.partitions[partition].watermark,
+                    result.windows_emitted,
+                )
             if result.outputs:
                 metrics.RECORDS_PRODUCED.labels(self.stage_id, self.spec.output).inc(
                     len(result.outputs)

@@ -114,7 +114,8 @@ class Window:
 class PartitionState:
     watermark: int | None = None
     last_input_at: float = 0.0
-    idle_base: int | None = None  # the watermark when input went quiet
+    idle_since: float | None = None  # when the current idle period began
+    idle_base: int | None = None  # the watermark then
     windows: dict[WindowKey, Window] = field(default_factory=dict)
     closing: list[tuple[int, WindowKey]] = field(default_factory=list)  # heap: (close at, key)
     evicting: list[tuple[int, WindowKey]] = field(default_factory=list)  # heap: (forget at, key)
@@ -183,7 +184,6 @@ class AggregateStage:
         state = self._state(partition)
         if records:
             state.last_input_at = self._clock()
-            state.idle_base = None
         for record in records:
             try:
                 self._add(partition, state, record, result)
@@ -300,17 +300,23 @@ class AggregateStage:
             result.watermark = None
         writes.extend((key, None) for key in deletions)
 
-    def tick(self, partition: int) -> AggregateResult:
-        """Advance an idle partition's watermark at wall-clock rate; emit what closes."""
+    def tick(self, partition: int, quiet_since: float) -> AggregateResult:
+        """Advance an idle partition's watermark at wall-clock rate; emit what closes.
+
+        The partition is idle from its last input or from ``quiet_since`` (when the
+        caller last saw the pipeline before it become quiet), whichever is later:
+        time during which upstream still had work does not count.
+        """
         result = AggregateResult()
         state = self.partitions.get(partition)
         if state is None or state.watermark is None:
             return result
-        idle_for = self._clock() - state.last_input_at
-        if idle_for < self.idle_timeout_s:
+        idle_since = max(state.last_input_at, quiet_since)
+        if state.idle_since != idle_since:
+            state.idle_since, state.idle_base = idle_since, state.watermark
+        idle_for = self._clock() - idle_since
+        if idle_for < self.idle_timeout_s or state.idle_base is None:
             return result
-        if state.idle_base is None:
-            state.idle_base = state.watermark
         target = state.idle_base + int(idle_for * 1000)
         if (state.closing and state.closing[0][0] <= target) or (
             state.evicting and state.evicting[0][0] <= target

@@ -113,13 +113,13 @@ def test_idle_partition_closes_its_last_window():
     clock = Clock()
     s = make(clock)
     s.process(0, [r(100), r(5000)])
-    assert not s.tick(0).outputs
+    assert not s.tick(0, quiet_since=0.0).outputs
     clock.t += 0.5
-    assert not s.tick(0).outputs  # not idle long enough
+    assert not s.tick(0, quiet_since=0.0).outputs  # not idle long enough
     clock.t += W / 1000 + L / 1000 + 1  # quiet for longer than end + lateness - wm
-    out = windows(s.tick(0))
+    out = windows(s.tick(0, quiet_since=0.0))
     assert [w["count"] for w in out] == [2]
-    assert not s.tick(0).outputs  # emitted once
+    assert not s.tick(0, quiet_since=0.0).outputs  # emitted once
 
 
 def test_partitions_have_independent_watermarks():
@@ -200,7 +200,9 @@ def test_state_writes_are_ordered_updates_watermark_deletions():
     assert kinds == ["w", "w", "w", "wm", "delete", "delete"], kinds
 
 
-def test_partial_state_write_then_redelivery_gives_the_same_windows():
+@pytest.mark.parametrize("crash_batch", [1, 3, 4])
+@pytest.mark.parametrize("landed", [0.0, 0.3, 0.5, 0.8, 1.0])
+def test_partial_state_write_then_redelivery_gives_the_same_windows(crash_batch, landed):
     """A crash that lost the tail of a batch's state writes (the watermark, and
     some windows) re-delivers the batch; the outcome equals an uninterrupted run."""
     records = stream(300, 7)
@@ -213,9 +215,12 @@ def test_partial_state_write_then_redelivery_gives_the_same_windows():
         res = s.process(0, batch)
         emitted += windows(res)
         items = list(res.writes)
-        if n == 3:  # crash: only the first half of this batch's writes landed, no commit
-            for k, v in items[: len(items) // 2]:
-                changelog[k] = v  # type: ignore[assignment]
+        if n == crash_batch:  # crash: a prefix of this batch's writes landed, no commit
+            for k, v in items[: int(len(items) * landed)]:
+                if v is None:
+                    changelog.pop(k, None)
+                else:
+                    changelog[k] = v
             s = make()
             s.load(0, [(k, v) for k, v in changelog.items() if v is not None])
             res = s.process(0, batch)  # re-delivered
@@ -233,3 +238,21 @@ def test_partial_state_write_then_redelivery_gives_the_same_windows():
     assert sorted(by_key.values(), key=lambda w: (w["device_id"], w["window_start"])) == sorted(
         reference[0], key=lambda w: (w["device_id"], w["window_start"])
     )
+
+
+def test_idle_time_counts_only_while_the_pipeline_is_quiet():
+    """A partition quiet because upstream was busy (or down) must not close windows
+    for that time: its backlog would arrive late."""
+    clock = Clock()
+    s = make(clock)
+    s.process(0, [r(100), r(5000)])
+    clock.t += 60  # a long outage upstream: no input, but the pipeline was not quiet
+    quiet_since = clock.t  # the pipeline became quiet only now
+    clock.t += 2
+    assert not s.tick(0, quiet_since=quiet_since).outputs  # 2 s of quiet: nothing closes yet
+    assert s.partitions[0].watermark == 5000
+    clock.t += W / 1000 + L / 1000
+    out = windows(s.tick(0, quiet_since=quiet_since))
+    assert [w["count"] for w in out] == [2]
+    late = s.process(0, [r(12_000, lineage="x")])  # watermark moved ~14 s, not ~74 s
+    assert not late.dead
