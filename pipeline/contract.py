@@ -89,6 +89,15 @@ def child_traceparent(parent: bytes | str | None) -> str:
     return new_traceparent()
 
 
+def next_hop_headers(incoming: Mapping[str, bytes], schema: str) -> Headers:
+    """Headers for a stage's output: the input's, with a child trace span and the
+    output's schema."""
+    return with_headers(
+        incoming,
+        {H_TRACEPARENT: child_traceparent(incoming.get(H_TRACEPARENT)), H_SCHEMA: schema},
+    )
+
+
 def with_headers(headers: Mapping[str, bytes], updates: Mapping[str, str | bytes]) -> Headers:
     """A header list with ``updates`` replacing or adding keys."""
     merged = dict(headers)

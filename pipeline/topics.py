@@ -57,29 +57,22 @@ def create_topics(
                 if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
                     raise BrokerError(f"cannot create topic {name}: {exc.args[0].str()}") from None
         existing = _existing(client, timeout)
+    return _statuses(settings, existing, created)
+
+
+def list_topics(
+    settings: Settings, client: AdminClient, timeout: float = 15.0
+) -> list[TopicStatus]:
+    return _statuses(settings, _existing(client, timeout), created=set())
+
+
+def _statuses(settings: Settings, existing: dict[str, int], created: set[str]) -> list[TopicStatus]:
     statuses = []
     for name, spec in settings.topics.items():
         actual = existing.get(name)
         if name in created:
             action = "created"
         elif actual is None:
-            action = "missing"
-        elif actual != spec.partitions:
-            action = "mismatch"
-        else:
-            action = "exists"
-        statuses.append(TopicStatus(name, spec.partitions, actual is not None, actual, action))
-    return statuses
-
-
-def list_topics(
-    settings: Settings, client: AdminClient, timeout: float = 15.0
-) -> list[TopicStatus]:
-    existing = _existing(client, timeout)
-    statuses = []
-    for name, spec in settings.topics.items():
-        actual = existing.get(name)
-        if actual is None:
             action = "missing"
         elif actual != spec.partitions:
             action = "mismatch"

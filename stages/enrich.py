@@ -124,15 +124,8 @@ class EnrichStage:
         reading["unit"] = reading.get("unit") or device.unit
         if device.attributes:
             reading["attributes"] = device.attributes
-        incoming = contract.header_map(record.headers)
-        headers = contract.with_headers(
-            incoming,
-            {
-                contract.H_TRACEPARENT: contract.child_traceparent(
-                    incoming.get(contract.H_TRACEPARENT)
-                ),
-                contract.H_SCHEMA: contract.SCHEMA_ENRICHED,
-            },
+        headers = contract.next_hop_headers(
+            contract.header_map(record.headers), contract.SCHEMA_ENRICHED
         )
         return OutRecord(record.key, orjson.dumps(reading), headers, reading.get("ts"))
 

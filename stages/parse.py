@@ -143,15 +143,8 @@ class ParseStage:
             except InvalidMessage as exc:
                 result.reject(STAGE, record, exc)
                 continue
-            incoming = contract.header_map(record.headers)
-            headers = contract.with_headers(
-                incoming,
-                {
-                    contract.H_TRACEPARENT: contract.child_traceparent(
-                        incoming.get(contract.H_TRACEPARENT)
-                    ),
-                    contract.H_SCHEMA: contract.SCHEMA_READING,
-                },
+            headers = contract.next_hop_headers(
+                contract.header_map(record.headers), contract.SCHEMA_READING
             )
             result.outputs.append(
                 OutRecord(reading.device_id.encode(), reading.to_json(), headers, reading.ts)
