@@ -241,9 +241,12 @@ class BatchConsumer(faust_aiokafka.Consumer):
         """Keep fetching a partition whose stream buffer is under pressure.
 
         Faust removes such a partition from the fetch set and relies on a queue
-        callback to put it back; in our runs a partition sometimes never came
-        back and the stage stalled for good. Backpressure still holds without
-        it: when the agent's queue is full, delivery blocks the fetch loop.
+        callback to put it back. With one event per batch the agent's queue is
+        short (``stream_buffer_maxsize``) and this fires constantly; it was a
+        suspect while a stage stalled (the cause turned out to be the lost
+        records :meth:`_contiguous` now catches) and is kept off as one moving
+        part fewer. Backpressure still holds: when the agent's queue is full,
+        delivery blocks the fetch loop.
         """
 
     def on_buffer_drop(self, tp: TP) -> None:
