@@ -9,6 +9,7 @@ every reading is through and the last windows closed, writes the aggregates to
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -235,9 +236,11 @@ def run_demo(
         last_windows = -1
         phase = "running"
         deadline = time.monotonic() + duration + 180
-        with Live(
+        # A live table on a terminal; elsewhere (CI, pipes) a progress line every 5 s.
+        live = Live(
             _view(workers, sim, phase), console=console, auto_refresh=False, transient=False
-        ) as live:
+        )
+        with live if console.is_terminal else contextlib.nullcontext():
             next_plain = 0.0
             while True:
                 time.sleep(0.5)
@@ -277,7 +280,8 @@ def run_demo(
                 if time.monotonic() > deadline:
                     console.print("[red]the pipeline did not drain in time; see the logs[/]")
                     return 1
-            live.update(_view(workers, sim, "done"), refresh=True)
+            if console.is_terminal:
+                live.update(_view(workers, sim, "done"), refresh=True)
         aggregates = [
             orjson.loads(m.value() or b"null")
             for m in read_topic(settings, settings.stages["aggregate"].output)
