@@ -1,0 +1,292 @@
+"""Bindings: what each stage does with one partition batch on Kafka.
+
+A binding runs the pure stage (``stages/``), produces its outputs and dead letters
+and awaits their acknowledgement, and keeps the stage's state in a Faust table
+where it has one (registry for enrich, windows for aggregate). The runner
+(:mod:`pipeline.runner`) creates one per worker and acks a batch only after
+:meth:`Binding.handle` returned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import faust
+
+from dlq.envelope import DeadLetter
+from pipeline import contract, metrics
+from pipeline.kafka import AsyncProducer, client_config, high_watermarks, producer
+from pipeline.lag import PipelineQuiet
+from pipeline.settings import Settings
+from pipeline.tables import named_global_table, named_table
+from stages.aggregate import AggregateResult, AggregateStage
+from stages.enrich import Device, EnrichStage
+from stages.ingest import IngestStage
+from stages.model import InRecord, StageResult
+from stages.parse import ParseStage
+
+if TYPE_CHECKING:
+    from pipeline.runner import StageApp
+
+log = logging.getLogger("pipeline.bindings")
+
+Outgoing = tuple[str, bytes | None, bytes | None, list[tuple[str, bytes]], int | None]
+
+
+def to_in_record(r: Any) -> InRecord:
+    return InRecord(
+        r.topic, r.partition, r.offset, r.timestamp or 0, r.key, r.value, tuple(r.headers or ())
+    )
+
+
+class Binding:
+    """What a stage does with one partition batch; subclasses hold the stage's state."""
+
+    def __init__(self, stage_id: str, settings: Settings, app: StageApp) -> None:
+        self.stage_id = stage_id
+        self.settings = settings
+        self.spec = settings.stage(stage_id)
+        self.app = app
+        self._producer: AsyncProducer | None = None
+        self.lock = asyncio.Lock()
+
+    @property
+    def producer(self) -> AsyncProducer:
+        if self._producer is None:
+            self._producer = AsyncProducer(producer(self.settings))
+        return self._producer
+
+    async def on_ready(self) -> None:
+        """Called once, before the first batch is processed (after table recovery)."""
+
+    def process(self, partition: int, records: Sequence[InRecord]) -> StageResult:
+        raise NotImplementedError
+
+    def after_delivery(self, partition: int, result: StageResult) -> None:
+        """Called after outputs are acknowledged and before the batch is acked."""
+
+    async def handle(self, partition: int, records: Sequence[InRecord]) -> None:
+        started = time.perf_counter()
+        stage, out_topic = self.stage_id, self.spec.output
+        async with self.lock:
+            result = self.process(partition, records)
+            await self.deliver(result)
+            self.after_delivery(partition, result)
+        for topic in {r.topic for r in records}:
+            metrics.RECORDS_CONSUMED.labels(stage, topic).inc(
+                sum(1 for r in records if r.topic == topic)
+            )
+        if result.outputs:
+            metrics.RECORDS_PRODUCED.labels(stage, out_topic).inc(len(result.outputs))
+        if result.duplicates:
+            metrics.DUPLICATES.labels(stage).inc(result.duplicates)
+        metrics.PROCESSING_SECONDS.labels(stage).observe(time.perf_counter() - started)
+        now = time.time()
+        metrics.LAST_PROCESSED.labels(stage).set(now)
+        ingest_ts = (
+            contract.header_map(records[-1].headers).get(contract.H_INGEST_TS) if records else None
+        )
+        if ingest_ts is not None and ingest_ts.isdigit():
+            metrics.E2E_LATENCY.labels(stage).observe(max(0.0, now - int(ingest_ts) / 1000))
+
+    async def deliver(self, result: StageResult) -> None:
+        """Produce outputs and dead letters; return when the broker acknowledged all."""
+        now_ms = int(time.time() * 1000)
+        out_topic, dlq_topic = self.spec.output, self.spec.dlq
+        batch: list[Outgoing] = [
+            (out_topic, o.key, o.value, o.headers, o.timestamp_ms) for o in result.outputs
+        ]
+        batch += [self._dead_letter(d, dlq_topic, now_ms) for d in result.dead]
+        await self.producer.send_batch(batch)
+        for dead in result.dead:
+            metrics.DLQ_RECORDS.labels(self.stage_id, str(dead.reason)).inc()
+
+    @staticmethod
+    def _dead_letter(dead: DeadLetter, topic: str, now_ms: int) -> Outgoing:
+        return (
+            topic,
+            dead.key,
+            dead.value,
+            dead.envelope_headers(now_ms),
+            dead.timestamp_ms or None,
+        )
+
+    def close(self) -> None:
+        if self._producer is not None:
+            self._producer.close()
+
+
+class StatelessBinding(Binding):
+    def __init__(
+        self,
+        stage_id: str,
+        settings: Settings,
+        app: StageApp,
+        stage: Callable[[Sequence[InRecord]], StageResult],
+    ) -> None:
+        super().__init__(stage_id, settings, app)
+        self._stage = stage
+
+    def process(self, partition: int, records: Sequence[InRecord]) -> StageResult:
+        return self._stage(records)
+
+
+class EnrichBinding(Binding):
+    """Joins the registry, a Faust GlobalTable whose changelog is ``iot.devices``."""
+
+    def __init__(self, stage_id: str, settings: Settings, app: StageApp) -> None:
+        super().__init__(stage_id, settings, app)
+        topic = self.spec.registry_topic
+        assert topic is not None
+        partitions = settings.topics[topic].partitions
+        self.registry_topic = topic
+        self.table = named_global_table(app, "registry", topic, partitions)
+        self._cache: dict[str, tuple[bytes, Device]] = {}
+        self.stage = EnrichStage(self.lookup)
+
+    def lookup(self, device_id: str) -> Device | None:
+        raw = self.table.data.get(device_id.encode("utf-8"))
+        if raw is None:
+            return None
+        cached = self._cache.get(device_id)
+        if cached is not None and cached[0] == raw:
+            return cached[1]
+        device = Device.from_json(raw)
+        self._cache[device_id] = (raw, device)
+        return device
+
+    async def on_ready(self) -> None:
+        """Wait until the registry holds everything the topic held when we started."""
+        partitions = self.settings.topics[self.registry_topic].partitions
+        tps = [(self.registry_topic, p) for p in range(partitions)]
+        loop = asyncio.get_running_loop()
+        ends = await loop.run_in_executor(None, high_watermarks, client_config(self.settings), tps)
+        recovery = self.app.tables.recovery  # type: ignore[attr-defined]
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            behind = [
+                (tp, end)
+                for (t, p), end in ends.items()
+                for tp in [faust.types.TP(t, p)]
+                if end > 0
+                and max(
+                    recovery.active_offsets.get(tp) or -1, recovery.standby_offsets.get(tp) or -1
+                )
+                < end - 1
+            ]
+            if not behind:
+                log.info("registry ready: %d devices", len(self.table.data))
+                return
+            await asyncio.sleep(0.1)
+        raise RuntimeError(f"device registry did not catch up with {self.registry_topic} in 120s")
+
+    def process(self, partition: int, records: Sequence[InRecord]) -> StageResult:
+        return self.stage.process(records)
+
+
+class AggregateBinding(Binding):
+    """Window state in a Faust Table whose changelog is the stage's ``state_topic``.
+
+    The table is written with explicit partitions (the input partition), so that
+    windows closed by the idle timer — outside any event — land in the right
+    changelog partition.
+    """
+
+    def __init__(self, stage_id: str, settings: Settings, app: StageApp) -> None:
+        super().__init__(stage_id, settings, app)
+        topic = self.spec.state_topic
+        assert topic is not None
+        partitions = settings.topics[topic].partitions
+        self.table = named_table(app, "windows", topic, partitions)
+        self.stage = AggregateStage(settings.aggregate)
+        self._loaded: dict[int, int] = {}  # partition -> consumer generation it was loaded in
+        self.pipeline_quiet = PipelineQuiet(
+            settings, stage_id, ttl=max(0.5, settings.aggregate.idle_timeout_s / 2)
+        )
+        self._quiet_since: float | None = None
+
+    def _idle_partitions(self) -> bool:
+        now = time.time()
+        return any(
+            now - state.last_input_at >= self.stage.idle_timeout_s and state.watermark is not None
+            for state in self.stage.partitions.values()
+        )
+
+    def _ensure_loaded(self, partition: int) -> None:
+        generation = self.app.consumer_generation_id
+        if self._loaded.get(partition) == generation:
+            return
+        items = [(k, v) for k, v in self.table.data.items() if v]
+        self.stage.load(partition, items)
+        self._loaded[partition] = generation
+
+    def process(self, partition: int, records: Sequence[InRecord]) -> StageResult:
+        self._ensure_loaded(partition)
+        return self.stage.process(partition, records)
+
+    def after_delivery(self, partition: int, result: StageResult) -> None:
+        """Apply the state writes to the table and its changelog, in their order."""
+        assert isinstance(result, AggregateResult)
+        data = self.table.data
+        for key, value in result.writes:
+            if value is None:
+                data.pop(key, None)
+            else:
+                data[key] = value
+            self.table.send_changelog(partition, key, value, value_serializer="raw")
+        if result.windows_emitted:
+            metrics.WINDOWS_EMITTED.labels(self.stage_id).inc(result.windows_emitted)
+
+    async def tick(self) -> None:
+        """Close windows of idle partitions, while the pipeline up to here is caught up."""
+        if not self._idle_partitions():
+            self._quiet_since = None
+            return
+        checked_at = time.time()
+        loop = asyncio.get_running_loop()
+        if not await loop.run_in_executor(None, self.pipeline_quiet):
+            self._quiet_since = None
+            return
+        if self._quiet_since is None:
+            self._quiet_since = checked_at
+        quiet_since = self._quiet_since
+        generation = self.app.consumer_generation_id
+        assigned = {
+            tp.partition for tp in self.app.consumer.assignment() if tp.topic in self.spec.inputs
+        }
+        for partition, loaded_in in list(self._loaded.items()):
+            if loaded_in != generation or partition not in assigned:
+                continue
+            async with self.lock:
+                result = self.stage.tick(partition, quiet_since)
+                if result.outputs or result.writes:
+                    await self.deliver(result)
+                    self.after_delivery(partition, result)
+            if result.windows_emitted:
+                log.info(
+                    "partition %d idle, pipeline caught up: watermark %s, %d windows closed",
+                    partition,
+                    self.stage.partitions[partition].watermark,
+                    result.windows_emitted,
+                )
+            if result.outputs:
+                metrics.RECORDS_PRODUCED.labels(self.stage_id, self.spec.output).inc(
+                    len(result.outputs)
+                )
+
+
+def make_binding(stage_id: str, settings: Settings, app: StageApp) -> Binding:
+    if stage_id == "ingest":
+        return StatelessBinding(stage_id, settings, app, IngestStage(settings.ingest).process)
+    if stage_id == "parse":
+        return StatelessBinding(stage_id, settings, app, ParseStage(settings.parse).process)
+    if stage_id == "enrich":
+        return EnrichBinding(stage_id, settings, app)
+    if stage_id == "aggregate":
+        return AggregateBinding(stage_id, settings, app)
+    settings.stage(stage_id)  # raises ConfigError naming the known stages
+    raise AssertionError("unreachable")
