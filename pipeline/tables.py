@@ -39,19 +39,23 @@ def _raw_schema() -> Any:
     )
 
 
+def _options(app: Any, name: str, changelog: str, partitions: int) -> dict[str, Any]:
+    """What both kinds of table share: bytes in and out, the changelog's own name."""
+    return {
+        "name": name,
+        "changelog_name": changelog,
+        "partitions": partitions,
+        "default": None,
+        "beacon": app.tables.beacon,
+        "schema": _raw_schema(),
+        "key_type": bytes,
+        "value_type": bytes,
+    }
+
+
 def named_table(app: Any, name: str, changelog: str, partitions: int) -> NamedTable:
     """A partitioned table (one changelog partition per input partition)."""
-    table = NamedTable(
-        app,
-        name=name,
-        changelog_name=changelog,
-        partitions=partitions,
-        default=None,
-        beacon=app.tables.beacon,
-        schema=_raw_schema(),
-        key_type=bytes,
-        value_type=bytes,
-    )
+    table = NamedTable(app, **_options(app, name, changelog, partitions))
     return app.tables.add(table)  # type: ignore[no-any-return]
 
 
@@ -60,15 +64,8 @@ def named_global_table(app: Any, name: str, changelog: str, partitions: int) -> 
     (``synchronize_all_active_partitions``: the topic is written by other processes)."""
     table = NamedGlobalTable(
         app,
-        name=name,
-        changelog_name=changelog,
-        partitions=partitions,
-        default=None,
-        beacon=app.tables.beacon,
+        **_options(app, name, changelog, partitions),
         standby_buffer_size=1,
-        schema=_raw_schema(),
-        key_type=bytes,
-        value_type=bytes,
         is_global=True,
         synchronize_all_active_partitions=True,
     )

@@ -15,6 +15,18 @@ from pipeline.kafka import admin
 from tests.integration.harness import REPO, isolated_config
 
 
+def run_pipeline(args, env, timeout):
+    """The `pipeline` command as a real subprocess."""
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=timeout,
+    )
+
+
 def run_cli(args, env=None):
     return CliRunner().invoke(cli, args, env=env, catch_exceptions=False)
 
@@ -53,24 +65,10 @@ def test_cli_errors_are_one_line_with_exit_codes(tmp_path):
     bad.write_text("topics: {}\nstages: {}\n")
     env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": ""}
     env.pop("KAFKA_BOOTSTRAP_SERVERS")
-    proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "--config", str(bad), "topics", "list"],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=REPO,
-        timeout=60,
-    )
+    proc = run_pipeline(["--config", str(bad), "topics", "list"], env, timeout=60)
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: invalid setting")
-    proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "topics", "list"],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=REPO,
-        timeout=60,
-    )
+    proc = run_pipeline(["topics", "list"], env, timeout=60)
     assert proc.returncode == 3
     assert proc.stderr.strip() == (
         "error: no broker configured; set KAFKA_BOOTSTRAP_SERVERS or run `pipeline broker`"
@@ -83,13 +81,6 @@ def test_unreachable_broker_is_a_clear_error_not_a_hang(tmp_path):
     from pipeline.broker import free_port
 
     env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{free_port()}"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "topics", "list"],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=REPO,
-        timeout=90,
-    )
+    proc = run_pipeline(["topics", "list"], env, timeout=90)
     assert proc.returncode == 3
     assert proc.stderr.startswith("error: cannot read topic metadata")
