@@ -7,7 +7,9 @@ One set of headers, used by every stage:
 ``dlq.original.timestamp`` ``dlq.failed-at`` ``dlq.attempts`` ``dlq.replay-count``
 
 A previous envelope on the record (a re-driven dead letter) is replaced, except
-``dlq.replay-count`` which is carried over.
+``dlq.replay-count`` which is carried over; ``retry.*`` headers (:mod:`dlq.retry`)
+are dropped. ``dlq.original.*`` name where the record entered the stage the first
+time, also when it failed during a retry.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dlq.reasons import Reason
+from dlq.retry import PREFIX as RETRY_PREFIX
 
 PREFIX = "dlq."
 STAGE = "dlq.stage"
@@ -56,7 +59,7 @@ class DeadLetter:
         for name, value in self.headers:
             if name == REPLAY_COUNT:
                 replay_count = value
-            elif not name.startswith(PREFIX):
+            elif not name.startswith((PREFIX, RETRY_PREFIX)):
                 kept.append((name, value))
         message = self.error_message[:_MAX_MESSAGE]
         kept += [

@@ -17,8 +17,11 @@ from typing import TYPE_CHECKING, Any
 
 import faust
 
+from dlq import retry
+from dlq.budget import Budget, BudgetExceeded
 from dlq.envelope import DeadLetter
-from pipeline import contract, metrics
+from pipeline import contract, failpoints, metrics
+from pipeline.health import HEALTH
 from pipeline.kafka import AsyncProducer, client_config, high_watermarks, producer
 from pipeline.lag import PipelineQuiet
 from pipeline.settings import Settings
@@ -37,6 +40,10 @@ log = logging.getLogger("pipeline.bindings")
 Outgoing = tuple[str, bytes | None, bytes | None, list[tuple[str, bytes]], int | None]
 
 
+class StageStopped(Exception):
+    """The stage has stopped consuming (dead-letter budget); the batch was not delivered."""
+
+
 def to_in_record(r: Any) -> InRecord:
     return InRecord(
         r.topic, r.partition, r.offset, r.timestamp or 0, r.key, r.value, tuple(r.headers or ())
@@ -53,6 +60,11 @@ class Binding:
         self.app = app
         self._producer: AsyncProducer | None = None
         self.lock = asyncio.Lock()
+        self._ready_lock = asyncio.Lock()
+        self._ready = False
+        self.budget = Budget(stage_id, self.spec.dlq_budget)
+        #: why the stage stopped consuming (the dead-letter budget), or None
+        self.stopped: str | None = None
 
     @property
     def producer(self) -> AsyncProducer:
@@ -69,12 +81,32 @@ class Binding:
     def after_delivery(self, partition: int, result: StageResult) -> None:
         """Called after outputs are acknowledged and before the batch is acked."""
 
+    async def ready(self) -> None:
+        """Run :meth:`on_ready` once, whichever agent gets a batch first."""
+        async with self._ready_lock:
+            if not self._ready:
+                await self.on_ready()
+                self._ready = True
+
     async def handle(self, partition: int, records: Sequence[InRecord]) -> None:
+        """Process one batch; return once its outputs, retries and dead letters are
+        acknowledged by the broker. Raises StageStopped (batch not delivered) when
+        the dead-letter budget is exceeded."""
         started = time.perf_counter()
         stage, out_topic = self.stage_id, self.spec.output
         async with self.lock:
+            if self.stopped is not None:
+                raise StageStopped(self.stopped)
             result = self.process(partition, records)
-            await self.deliver(result)
+            retries = self._route_retries(result)
+            try:
+                self.budget.check(self._outcomes(records, result))
+            except BudgetExceeded as exc:
+                self.stop(str(exc))
+                raise StageStopped(str(exc)) from None
+            await self.deliver(result, retries)
+            if result.dead:
+                failpoints.hit("dlq-delivered")
             self.after_delivery(partition, result)
         for topic in {r.topic for r in records}:
             metrics.RECORDS_CONSUMED.labels(stage, topic).inc(
@@ -84,6 +116,8 @@ class Binding:
             metrics.RECORDS_PRODUCED.labels(stage, out_topic).inc(len(result.outputs))
         if result.duplicates:
             metrics.DUPLICATES.labels(stage).inc(result.duplicates)
+        if retries:
+            metrics.RETRIES.labels(stage).inc(len(retries))
         metrics.PROCESSING_SECONDS.labels(stage).observe(time.perf_counter() - started)
         now = time.time()
         metrics.LAST_PROCESSED.labels(stage).set(now)
@@ -93,13 +127,61 @@ class Binding:
         if ingest_ts is not None and ingest_ts.isdigit():
             metrics.E2E_LATENCY.labels(stage).observe(max(0.0, now - int(ingest_ts) / 1000))
 
-    async def deliver(self, result: StageResult) -> None:
-        """Produce outputs and dead letters; return when the broker acknowledged all."""
+    @staticmethod
+    def _outcomes(records: Sequence[InRecord], result: StageResult) -> list[bool]:
+        """Per input record, in order: was it dead-lettered?"""
+        if not result.rejected_offsets:
+            return [False] * len(records)
+        rejected = set(result.rejected_offsets)
+        return [r.offset in rejected for r in records]
+
+    def _route_retries(self, result: StageResult) -> list[Outgoing]:
+        """Retryable records go to the retry topic, or are dead-lettered once they
+        have used ``max_attempts`` (or at once if the stage has no retry policy)."""
+        policy = self.spec.retry
+        outgoing: list[Outgoing] = []
+        if not result.retryable:
+            return outgoing
+        now_ms = int(time.time() * 1000)
+        for record, exc in result.retryable:
+            failed = retry.attempts(record.headers) + 1
+            if policy is None or failed >= policy.max_attempts:
+                result.reject(self.stage_id, record, exc)
+                continue
+            at = retry.origin(
+                record.headers, record.topic, record.partition, record.offset, record.timestamp_ms
+            )
+            due = now_ms + int(policy.delay_s(failed) * 1000)
+            headers = retry.retry_headers(
+                record.headers, at, failed, due, str(exc.reason), str(exc), now_ms
+            )
+            outgoing.append((policy.topic, record.key, record.value, headers, at.timestamp_ms))
+        result.retryable.clear()
+        return outgoing
+
+    def stop(self, why: str) -> None:
+        """Stop consuming for good (until a restart): the dead-letter budget is spent."""
+        self.stopped = why
+        metrics.STAGE_STOPPED.labels(self.stage_id).set(1)
+        HEALTH.fail("dlq_budget", why)
+        log.error(
+            "%s; the stage stopped consuming and its last batch is not committed. Inspect "
+            "with `pipeline dlq list --stage %s`, fix the cause, then restart the workers "
+            "(or raise stages.%s.dlq_budget).",
+            why,
+            self.stage_id,
+            self.stage_id,
+        )
+
+    async def deliver(self, result: StageResult, extra: Sequence[Outgoing] = ()) -> None:
+        """Produce outputs, retries and dead letters; return when the broker
+        acknowledged all of them."""
         now_ms = int(time.time() * 1000)
         out_topic, dlq_topic = self.spec.output, self.spec.dlq
         batch: list[Outgoing] = [
             (out_topic, o.key, o.value, o.headers, o.timestamp_ms) for o in result.outputs
         ]
+        batch += extra
         batch += [self._dead_letter(d, dlq_topic, now_ms) for d in result.dead]
         await self.producer.send_batch(batch)
         for dead in result.dead:
@@ -243,7 +325,7 @@ class AggregateBinding(Binding):
 
     async def tick(self) -> None:
         """Close windows of idle partitions, while the pipeline up to here is caught up."""
-        if not self._idle_partitions():
+        if self.stopped is not None or not self._idle_partitions():
             self._quiet_since = None
             return
         checked_at = time.time()
@@ -262,6 +344,8 @@ class AggregateBinding(Binding):
             if loaded_in != generation or partition not in assigned:
                 continue
             async with self.lock:
+                if self.stopped is not None:
+                    return
                 result = self.stage.tick(partition, quiet_since)
                 if result.outputs or result.writes:
                     await self.deliver(result)

@@ -289,6 +289,15 @@ def demo(
     sys.exit(code)
 
 
+from pipeline.cli_replay import replay  # noqa: E402
+
+cli.add_command(replay)
+
+from pipeline.cli_dlq import dlq  # noqa: E402
+
+cli.add_command(dlq)
+
+
 def main() -> None:
     # librdkafka reports every failed connection attempt; commands report one line.
     rdkafka = logging.getLogger("pipeline.rdkafka")

@@ -23,6 +23,8 @@ from collections.abc import Iterable, Mapping
 
 from ulid import ULID
 
+from dlq.retry import PREFIX as RETRY_PREFIX
+
 H_LINEAGE = "lineage-id"
 H_TRACEPARENT = "traceparent"
 H_SOURCE = "source"
@@ -90,8 +92,10 @@ def child_traceparent(parent: bytes | str | None) -> str:
 
 
 def next_hop_headers(incoming: Mapping[str, bytes], schema: str) -> Headers:
-    """Headers for a stage's output: the input's, with a child trace span and the
-    output's schema."""
+    """Headers for a stage's output: the input's (minus ``retry.*``), with a child
+    trace span and the output's schema."""
+    if any(k.startswith(RETRY_PREFIX) for k in incoming):
+        incoming = {k: v for k, v in incoming.items() if not k.startswith(RETRY_PREFIX)}
     return with_headers(
         incoming,
         {H_TRACEPARENT: child_traceparent(incoming.get(H_TRACEPARENT)), H_SCHEMA: schema},

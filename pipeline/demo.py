@@ -64,6 +64,7 @@ class Worker:
     proc: subprocess.Popen[bytes]
     log_path: Path
     counters: dict[str, float] = field(default_factory=dict)
+    by_topic: dict[tuple[str, str], float] = field(default_factory=dict)
 
     def scrape(self) -> None:
         try:
@@ -72,14 +73,20 @@ class Worker:
         except OSError:
             return
         counters: dict[str, float] = {}
+        by_topic: dict[tuple[str, str], float] = {}
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
                 if sample.name.endswith("_total"):
                     counters[sample.name] = counters.get(sample.name, 0.0) + sample.value
-        self.counters = counters
+                    if "topic" in sample.labels:
+                        key = (sample.name, sample.labels["topic"])
+                        by_topic[key] = by_topic.get(key, 0.0) + sample.value
+        self.counters, self.by_topic = counters, by_topic
 
-    def get(self, name: str) -> int:
-        return int(self.counters.get(name, 0.0))
+    def get(self, name: str, topic: str | None = None) -> int:
+        if topic is None:
+            return int(self.counters.get(name, 0.0))
+        return int(self.by_topic.get((name, topic), 0.0))
 
     def log_tail(self, lines: int = 15) -> str:
         try:
@@ -104,6 +111,9 @@ def _start_workers(
             "PIPELINE_AGGREGATE__ALLOWED_LATENESS_S": str(min(2, window_s)),
             "PIPELINE_AGGREGATE__IDLE_TIMEOUT_S": "2",
             "PIPELINE_RUNNER__SESSION_TIMEOUT_S": "6",
+            # unknown devices: 3 quick attempts, so the demo's dead letters come soon
+            "PIPELINE_STAGES__ENRICH__RETRY__MAX_ATTEMPTS": "3",
+            "PIPELINE_STAGES__ENRICH__RETRY__BACKOFF_S": "0.5",
             "PIPELINE_LOG_LEVEL": os.environ.get("PIPELINE_LOG_LEVEL", "warning"),
         }
         log_path = log_dir / f"{stage}.log"
@@ -159,13 +169,21 @@ def _view(workers: list[Worker], sim: dict[str, Any], phase: str) -> Table:
     return table
 
 
-def _drained(workers: list[Worker], sent: int) -> bool:
+def _drained(settings: Settings, workers: list[Worker], sent: int) -> bool:
+    """Every stage consumed what the one before produced, and no retry is pending."""
     by = {w.stage: w for w in workers}
-    pairs = [("ingest", None), ("parse", "ingest"), ("enrich", "parse"), ("aggregate", "enrich")]
-    for stage, upstream in pairs:
+    consumed = "pipeline_records_consumed_total"
+    upstream: str | None = None
+    for stage in STAGE_IDS:
+        spec = settings.stages[stage]
         want = sent if upstream is None else by[upstream].get("pipeline_records_produced_total")
-        if by[stage].get("pipeline_records_consumed_total") < want:
+        if sum(by[stage].get(consumed, t) for t in spec.inputs) < want:
             return False
+        if spec.retry and by[stage].get(consumed, spec.retry.topic) < by[stage].get(
+            "pipeline_retries_total"
+        ):
+            return False
+        upstream = stage
     return True
 
 
@@ -268,7 +286,7 @@ def run_demo(
                     return 1
                 if sim.get("done"):
                     phase = "draining"
-                    if drained_at is None and _drained(workers, int(sim["sent"])):
+                    if drained_at is None and _drained(settings, workers, int(sim["sent"])):
                         drained_at = time.monotonic()
                         phase = "closing the last windows"
                     windows = workers[-1].get("pipeline_windows_emitted_total")

@@ -44,8 +44,11 @@ def partitions_of(settings: Settings, topics: Iterable[str]) -> list[TP]:
 
 
 def group_lag(settings: Settings, client: AdminClient, stage_id: str) -> dict[TP, int]:
-    """Records in the stage's input topics that its group has not committed yet."""
-    tps = partitions_of(settings, settings.stage(stage_id).inputs)
+    """Records in the stage's input topics (and retry topic, whose records are still
+    on their way) that its group has not committed yet."""
+    spec = settings.stage(stage_id)
+    topics = [*spec.inputs, *([spec.retry.topic] if spec.retry else [])]
+    tps = partitions_of(settings, topics)
     ends = high_watermarks(client_config(settings), tps)
     committed = committed_offsets(client, settings.group_id(stage_id), tps)
     return {tp: max(0, ends[tp] - (committed.get(tp) or 0)) for tp in tps}

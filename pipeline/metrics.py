@@ -6,7 +6,7 @@ device id or a payload value.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -63,8 +63,15 @@ REBALANCES = Counter(
     registry=REGISTRY,
 )
 
-
-def serve(host: str, port: int) -> int:
-    """Serve ``/metrics`` on host:port (port 0 picks a free one); return the port."""
-    server, _thread = start_http_server(port, addr=host, registry=REGISTRY)
-    return int(server.server_port)
+STAGE_STOPPED = Gauge(
+    "pipeline_stage_stopped",
+    "1 while the stage has stopped consuming because its dead-letter budget was exceeded.",
+    ["stage"],
+    registry=REGISTRY,
+)
+RETRY_WAIT = Gauge(
+    "pipeline_retry_waiting",
+    "1 while the retry agent waits for the next retry to come due.",
+    ["stage"],
+    registry=REGISTRY,
+)

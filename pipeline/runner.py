@@ -17,19 +17,24 @@ and its supervisor (Kubernetes, the demo) restarts it.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 import tempfile
-from typing import Any
+import time
+from typing import Any, NoReturn
 
 import faust
 
-from pipeline import diagnostics, metrics
-from pipeline.bindings import AggregateBinding, Binding, make_binding, to_in_record
+from dlq import retry
+from pipeline import diagnostics, health, metrics
+from pipeline.bindings import AggregateBinding, Binding, StageStopped, make_binding, to_in_record
 from pipeline.faust_fixes import apply_faust_fixes
+from pipeline.health import HEALTH
 from pipeline.kafka import bootstrap, client_config
 from pipeline.settings import Settings
 from pipeline.transport import BatchTransport
+from stages.model import InRecord
 
 log = logging.getLogger("pipeline.runner")
 
@@ -40,6 +45,8 @@ class StageApp(faust.App):
     """A Faust app whose consumer batches the stage's input topics."""
 
     batch_topics: frozenset[str] = frozenset()
+    #: the dead-letter budget stopped the stage: nothing more is processed or acked
+    halted: bool = False
     kafka_client_config: dict[str, Any] | None = None
 
     def _new_transport(self) -> Any:
@@ -80,32 +87,69 @@ def build_app(settings: Settings, stage_id: str) -> tuple[StageApp, Binding]:
     topic = app.topic(*spec.inputs, key_serializer="raw", value_serializer="raw")
 
     async def agent(stream: Any) -> None:
-        ready = False
         try:
             async for event in stream.noack().events():
-                if not ready:  # first batch: recovery is complete by now
-                    await binding.on_ready()
-                    ready = True
+                await binding.ready()  # first batch: recovery is complete by now
                 message = event.message
                 records = [to_in_record(r) for r in message.records]
                 await binding.handle(message.partition, records)
                 event.ack()
+        except StageStopped:
+            await _stay_stopped(app, binding)
         except asyncio.CancelledError:
             raise
         except Exception:
-            log.critical(
-                "stage %s: unexpected error, exiting without commit", stage_id, exc_info=True
-            )
-            logging.shutdown()
-            os._exit(EXIT_BUG)
+            _crash(stage_id)
 
     app.agent(topic, name=f"{stage_id}-agent", concurrency=1)(agent)
 
+    if spec.retry is not None:
+        retry_topic_name = spec.retry.topic
+        app.batch_topics = app.batch_topics | {retry_topic_name}
+        retry_topic = app.topic(retry_topic_name, key_serializer="raw", value_serializer="raw")
+
+        async def retry_agent(stream: Any) -> None:
+            """Re-runs records from the retry topic once they are due. While it
+            waits, only the retry partition is paused: the live agent goes on."""
+            try:
+                async for event in stream.noack().events():
+                    await binding.ready()
+                    message = event.message
+                    records = [to_in_record(r) for r in message.records]
+                    tp = faust.types.TP(message.topic, message.partition)
+                    while records:
+                        now_ms = int(time.time() * 1000)
+                        due = _due(records, now_ms)
+                        if due:
+                            await binding.handle(message.partition, due)
+                            records = records[len(due) :]
+                            continue
+                        wait_s = (retry.due_at_ms(records[0].headers) - now_ms) / 1000
+                        metrics.RETRY_WAIT.labels(stage_id).set(1)
+                        app.consumer.pause_partitions([tp])
+                        try:
+                            await asyncio.sleep(min(wait_s, 60.0))
+                        finally:
+                            app.consumer.resume_partitions([tp])
+                            metrics.RETRY_WAIT.labels(stage_id).set(0)
+                    event.ack()
+            except StageStopped:
+                await _stay_stopped(app, binding)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                _crash(stage_id)
+
+        app.agent(retry_topic, name=f"{stage_id}-retry-agent", concurrency=1)(retry_agent)
+
     async def on_rebalance_complete(sender: Any, **_: Any) -> None:
-        assigned = [tp for tp in app.consumer.assignment() if tp.topic in app.batch_topics]
+        assigned = [tp for tp in app.consumer.assignment() if tp.topic in spec.inputs]
         metrics.ASSIGNED_PARTITIONS.labels(stage_id).set(len(assigned))
         metrics.REBALANCES.labels(stage_id).inc()
+        HEALTH.set_ready(True)
         log.info("stage %s: %d input partitions assigned", stage_id, len(assigned))
+        if binding.stopped is not None:
+            _pause_inputs(app)
 
     app.on_rebalance_complete.connect(on_rebalance_complete)  # type: ignore[arg-type]
 
@@ -116,12 +160,34 @@ def build_app(settings: Settings, stage_id: str) -> tuple[StageApp, Binding]:
             try:
                 await tick_binding.tick()
             except Exception:
-                log.critical("stage %s: idle tick failed, exiting", stage_id, exc_info=True)
-                logging.shutdown()
-                os._exit(EXIT_BUG)
+                _crash(stage_id, "idle tick failed")
 
         app.timer(interval=max(0.2, settings.aggregate.idle_timeout_s / 4))(idle_tick)
     return app, binding
+
+
+def _due(records: list[InRecord], now_ms: int) -> list[InRecord]:
+    """The leading records whose retry is due."""
+    return list(itertools.takewhile(lambda r: retry.due_at_ms(r.headers) <= now_ms, records))
+
+
+def _crash(stage_id: str, what: str = "unexpected error") -> NoReturn:
+    log.critical("stage %s: %s, exiting without commit", stage_id, what, exc_info=True)
+    logging.shutdown()
+    os._exit(EXIT_BUG)
+
+
+def _pause_inputs(app: StageApp) -> None:
+    assigned = [tp for tp in app.consumer.assignment() if tp.topic in app.batch_topics]
+    app.consumer.pause_partitions(assigned)
+
+
+async def _stay_stopped(app: StageApp, binding: Binding) -> None:
+    """The dead-letter budget is spent: fetch nothing more, ack nothing more, and
+    stay so (unhealthy) until the worker is restarted."""
+    app.halted = True
+    _pause_inputs(app)
+    await asyncio.Event().wait()
 
 
 def run_stage(settings: Settings, stage_id: str) -> None:
@@ -133,8 +199,13 @@ def run_stage(settings: Settings, stage_id: str) -> None:
     app, binding = build_app(settings, stage_id)
     diagnostics.install(app)
     if settings.metrics_port is not None:
-        port = metrics.serve(settings.metrics_host, settings.metrics_port)
-        log.info("stage %s: metrics on http://%s:%d/metrics", stage_id, settings.metrics_host, port)
+        port = health.serve(settings.metrics_host, settings.metrics_port)
+        log.info(
+            "stage %s: /metrics, /healthz, /readyz on http://%s:%d",
+            stage_id,
+            settings.metrics_host,
+            port,
+        )
     worker = faust.Worker(
         app, loglevel=settings.log_level.upper(), quiet=True, redirect_stdouts=False
     )

@@ -54,12 +54,45 @@ class TopicSpec(_Frozen):
         return config
 
 
+class RetryPolicy(_Frozen):
+    """Bounded retries of :class:`~pipeline.errors.RetryableError` through ``topic``.
+
+    Attempt ``n`` (1-based) waits ``min(backoff_s * 2**(n-1), backoff_max_s)``;
+    after ``max_attempts`` failed attempts the record is dead-lettered.
+    """
+
+    topic: str
+    max_attempts: int = Field(default=5, ge=1, le=100)
+    backoff_s: float = Field(default=1.0, gt=0)
+    backoff_max_s: float = Field(default=60.0, gt=0)
+
+    def delay_s(self, attempts: int) -> float:
+        return float(min(self.backoff_s * 2 ** max(0, attempts - 1), self.backoff_max_s))
+
+
+class DlqBudget(_Frozen):
+    """When a stage dead-letters too much it stops instead (see :mod:`dlq.budget`).
+
+    Tripped when, over the last ``window_records`` inputs (once at least
+    ``min_records`` were seen), more than ``max_ratio`` of them were dead-lettered,
+    or when ``max_consecutive`` inputs in a row were. ``enabled: false`` turns it off.
+    """
+
+    enabled: bool = True
+    window_records: int = Field(default=1000, ge=1)
+    min_records: int = Field(default=200, ge=1)
+    max_ratio: float = Field(default=0.5, gt=0, le=1)
+    max_consecutive: int = Field(default=500, ge=1)
+
+
 class StageSpec(_Frozen):
     inputs: tuple[str, ...] = Field(min_length=1)
     output: str
     dlq: str
     registry_topic: str | None = None
     state_topic: str | None = None
+    retry: RetryPolicy | None = None
+    dlq_budget: DlqBudget = DlqBudget()
 
 
 class IngestSettings(_Frozen):
@@ -89,6 +122,10 @@ class AggregateSettings(_Frozen):
     window_s: int = Field(default=60, ge=1)
     allowed_lateness_s: int = Field(default=10, ge=0)
     idle_timeout_s: float = Field(default=5.0, gt=0)
+    #: how long (event time) an emitted window remembers its readings' lineage ids,
+    #: so a re-delivered or replayed reading is a duplicate, not ``late``;
+    #: default: one window length. Memory grows with it (ids of every emitted window).
+    closed_retention_s: int | None = Field(default=None, ge=0)
 
 
 class RunnerSettings(_Frozen):
@@ -144,6 +181,7 @@ class Settings(BaseSettings):
                 spec.dlq,
                 spec.registry_topic,
                 spec.state_topic,
+                spec.retry.topic if spec.retry else None,
             ):
                 if topic is not None and topic not in self.topics:
                     raise ValueError(

@@ -61,10 +61,17 @@ def named_table(app: Any, name: str, changelog: str, partitions: int) -> NamedTa
 
 def named_global_table(app: Any, name: str, changelog: str, partitions: int) -> NamedGlobalTable:
     """A table every worker holds whole, kept in sync with its topic after recovery
-    (``synchronize_all_active_partitions``: the topic is written by other processes)."""
+    (``synchronize_all_active_partitions``: the topic is written by other processes).
+
+    Both buffer sizes are 1: Faust assigns a global table's changelog partitions as
+    active *and* standby, and after recovery buffers each new record of an active
+    partition until ``recovery_buffer_size`` (default 1000) have arrived — a device
+    registered while the worker runs would stay invisible until 999 more follow.
+    """
     table = NamedGlobalTable(
         app,
         **_options(app, name, changelog, partitions),
+        recovery_buffer_size=1,
         standby_buffer_size=1,
         is_global=True,
         synchronize_all_active_partitions=True,

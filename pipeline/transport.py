@@ -156,6 +156,15 @@ class BatchConsumer(faust_aiokafka.Consumer):
                 self._expected[tp] = message.offset + 1
             yield tp, message
 
+    async def wait_empty(self) -> None:
+        """Faust waits here (on shutdown and rebalance) until every started batch is
+        acked. A stage stopped by its dead-letter budget never acks its last batch:
+        commit what was acked and go on, leaving that batch uncommitted."""
+        if getattr(self.app, "halted", False):
+            await self.commit()
+            return
+        await super().wait_empty()
+
     async def perform_seek(self) -> None:
         """After Faust seeks to committed offsets, hand over again from there."""
         self._expected.clear()

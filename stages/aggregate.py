@@ -7,7 +7,9 @@ watermark reaches ``end + allowed_lateness``. After that:
 
 * a reading whose lineage id the window already counted is a duplicate (ignored);
 * any other reading for it is ``late`` (a dead letter);
-* the window's ids are kept for one more window length, then forgotten.
+* the window's ids are kept for ``closed_retention_s`` of event time (default one
+  window length), then forgotten; a replay reaching further back than that gets
+  ``late`` dead letters for readings already counted, never a second count.
 
 The watermark is advanced per record, so results do not depend on how records
 were batched: re-processing the same input gives the same windows. When a
@@ -143,6 +145,8 @@ class AggregateResult(StageResult):
 class AggregateStage:
     def __init__(self, settings: AggregateSettings, clock: Callable[[], float] = time.time) -> None:
         self.window_ms = settings.window_s * 1000
+        retention_s = settings.closed_retention_s
+        self.retention_ms = self.window_ms if retention_s is None else retention_s * 1000
         self.lateness_ms = settings.allowed_lateness_s * 1000
         self.idle_timeout_s = settings.idle_timeout_s
         self._clock = clock
@@ -167,7 +171,7 @@ class AggregateStage:
         self.partitions[partition] = state
 
     def _forget_at(self, window: Window) -> int:
-        return window.end + self.lateness_ms + self.window_ms
+        return window.end + self.lateness_ms + self.retention_ms
 
     def drop(self, partition: int) -> None:
         self.partitions.pop(partition, None)

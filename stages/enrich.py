@@ -130,13 +130,15 @@ class EnrichStage:
         return OutRecord(record.key, orjson.dumps(reading), headers, reading.get("ts"))
 
     def process(self, records: Sequence[InRecord]) -> StageResult:
-        """Enrich a batch. Until retries exist, an unknown device is dead-lettered."""
+        """Enrich a batch. An unknown device is retryable: the registry may lag."""
         result = StageResult()
         for record in records:
             try:
                 result.outputs.append(self.enrich(record))
-            except (InvalidMessage, RetryableError) as exc:
-                result.reject(STAGE, record, InvalidMessage(exc.reason, str(exc)))
+            except InvalidMessage as exc:
+                result.reject(STAGE, record, exc)
+            except RetryableError as exc:
+                result.retryable.append((record, exc))
         return result
 
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from dlq import retry
 from dlq.envelope import DeadLetter
 from dlq.reasons import Reason
-from pipeline.errors import InvalidMessage
+from pipeline.errors import InvalidMessage, RetryableError
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,8 +41,19 @@ class StageResult:
     outputs: list[OutRecord] = field(default_factory=list)
     dead: list[DeadLetter] = field(default_factory=list)
     duplicates: int = 0
+    #: records that may succeed later; the runner retries or dead-letters them
+    retryable: list[tuple[InRecord, RetryableError]] = field(default_factory=list)
+    #: offsets (in the consumed topic) of the records in ``dead``
+    rejected_offsets: list[int] = field(default_factory=list)
 
-    def reject(self, stage: str, record: InRecord, exc: InvalidMessage, attempts: int = 1) -> None:
+    def reject(self, stage: str, record: InRecord, exc: InvalidMessage | RetryableError) -> None:
+        """Dead-letter ``record`` (InvalidMessage, or a RetryableError out of attempts).
+
+        A record that came back from the retry topic keeps its first coordinates
+        and counts this attempt in ``dlq.attempts``."""
+        at = retry.origin(
+            record.headers, record.topic, record.partition, record.offset, record.timestamp_ms
+        )
         self.dead.append(
             DeadLetter(
                 stage=stage,
@@ -51,10 +63,11 @@ class StageResult:
                 key=record.key,
                 value=record.value,
                 headers=record.headers,
-                topic=record.topic,
-                partition=record.partition,
-                offset=record.offset,
-                timestamp_ms=record.timestamp_ms,
-                attempts=attempts,
+                topic=at.topic,
+                partition=at.partition,
+                offset=at.offset,
+                timestamp_ms=at.timestamp_ms,
+                attempts=retry.attempts(record.headers) + 1,
             )
         )
+        self.rejected_offsets.append(record.offset)

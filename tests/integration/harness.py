@@ -8,10 +8,11 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections import defaultdict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,14 +39,23 @@ TEST_ENV = {
     "PIPELINE_AGGREGATE__IDLE_TIMEOUT_S": "1",
     "PIPELINE_RUNNER__SESSION_TIMEOUT_S": "6",
     "PIPELINE_RUNNER__COMMIT_INTERVAL_S": "0.5",
+    # unknown devices: three quick attempts before the dead letter
+    "PIPELINE_STAGES__ENRICH__RETRY__MAX_ATTEMPTS": "3",
+    "PIPELINE_STAGES__ENRICH__RETRY__BACKOFF_S": "0.3",
     "PIPELINE_LOG_LEVEL": "info",
 }
 
 
 def isolated_config(
-    tmp_path: Path, bootstrap: str, partitions: int | None = None
+    tmp_path: Path,
+    bootstrap: str,
+    partitions: int | None = None,
+    stages: dict[str, dict[str, Any]] | None = None,
 ) -> tuple[Path, Settings]:
-    """A pipeline.yaml whose topics and groups no other test shares."""
+    """A pipeline.yaml whose topics and groups no other test shares.
+
+    ``stages`` merges settings into stage specs, e.g. ``{"parse": {"dlq_budget": …}}``.
+    """
     tag = f"t{os.getpid()}x{next(_counter)}"
     doc = yaml.safe_load((REPO / "config" / "pipeline.yaml").read_text())
     rename = {name: f"{tag}.{name}" for name in doc["topics"]}
@@ -59,6 +69,10 @@ def isolated_config(
         for key in ("output", "dlq", "registry_topic", "state_topic"):
             if key in spec:
                 spec[key] = rename[spec[key]]
+        if "retry" in spec:
+            spec["retry"]["topic"] = rename[spec["retry"]["topic"]]
+    for stage_id, extra in (stages or {}).items():
+        doc["stages"][stage_id].update(extra)
     doc["app_prefix"] = f"{tag}-pipeline"
     path = tmp_path / f"{tag}.yaml"
     path.write_text(yaml.safe_dump(doc))
@@ -86,6 +100,7 @@ class StageProcess:
     log_path: Path
     port: int = 0
     proc: subprocess.Popen[bytes] | None = None
+    env: dict[str, str] = field(default_factory=dict)
 
     def start(self) -> StageProcess:
         self.port = free_port()
@@ -95,6 +110,7 @@ class StageProcess:
             "KAFKA_BOOTSTRAP_SERVERS": self.bootstrap,
             "PIPELINE_CONFIG": str(self.config),
             "PIPELINE_METRICS_PORT": str(self.port),
+            **self.env,
         }
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
@@ -140,6 +156,16 @@ class StageProcess:
                 out[(s.name, tuple(sorted(s.labels.items())))] = s.value
         return out
 
+    def get(self, path: str) -> tuple[int, bytes]:
+        """Status and body of GET ``path`` on the worker's HTTP port."""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=2) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read()
+        except OSError:
+            return 0, b""  # not listening (yet)
+
     def counter(self, name: str) -> float:
         try:
             samples = self.metrics()
@@ -160,13 +186,14 @@ class Pipeline:
         self.log_dir = log_dir
         self.workers: dict[str, list[StageProcess]] = defaultdict(list)
 
-    def start(self, stage: str) -> StageProcess:
+    def start(self, stage: str, env: dict[str, str] | None = None) -> StageProcess:
         n = len(self.workers[stage])
         proc = StageProcess(
             stage,
             self.config,
             self.settings.kafka_bootstrap_servers or "",
             self.log_dir / f"{stage}-{n}.log",
+            env=env or {},
         ).start()
         self.workers[stage].append(proc)
         return proc

@@ -8,6 +8,7 @@ from collections import Counter
 
 import pytest
 
+from pipeline.kafka import read_topic
 from pipeline.simulator import SimRecord, generate
 from stages.enrich import read_registry_csv
 from tests.integration.harness import (
@@ -89,18 +90,38 @@ def test_four_stage_pipeline_counts_every_good_reading_once(broker, tmp_path):
         produce(settings, settings.stages["ingest"].inputs[0], records)
         got = wait_for_all_readings(pipe, kinds["good"])
         assert_windows_match(records, got)
-        # every poison record is on its stage's dead-letter topic with its reason, once
+        # every poison record is on its stage's dead-letter topic with its reason,
+        # once, and its dlq.original.* coordinates point at it in the stage's input
         for stage in ("ingest", "parse", "enrich", "aggregate"):
             want = Counter((r.kind, r.value) for r in records if r.stage == stage)
+            wait_for(
+                lambda stage=stage, want=want: (
+                    len(dead_letters(settings, stage)) >= sum(want.values())
+                ),
+                30,
+                f"{stage} dead letters",
+                pipe.logs,
+            )
             dead = dead_letters(settings, stage)
             have = Counter(
                 (dict(m.headers())["dlq.reason"].decode(), m.value() or b"") for m in dead
             )
             assert have == want, stage
+            source = {
+                (m.partition(), m.offset()): m
+                for m in read_topic(settings, settings.stages[stage].inputs[0])
+            }
+            origins = set()
             for m in dead:
                 h = dict(m.headers())
                 assert h["dlq.stage"] == stage.encode()
                 assert h["dlq.original.topic"] == settings.stages[stage].inputs[0].encode()
+                origin = (int(h["dlq.original.partition"]), int(h["dlq.original.offset"]))
+                original = source[origin]
+                assert original.value() == m.value() and original.key() == m.key()
+                assert dict(original.headers() or []).get("lineage-id") == h.get("lineage-id")
+                origins.add(origin)
+            assert len(origins) == len(dead)
         # no window is emitted twice in a run without failures
         keys = [(w["device_id"], w["metric"], w["window_start"]) for w in got]
         assert len(keys) == len(set(keys))

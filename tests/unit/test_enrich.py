@@ -1,6 +1,7 @@
 import orjson
 import pytest
 
+from dlq import retry
 from pipeline import contract
 from stages.enrich import Device, EnrichStage, read_registry_csv
 from tests.unit.records import rec
@@ -74,7 +75,34 @@ def test_registry_unit_fills_a_missing_unit():
     assert orjson.loads(out.value)["unit"] == "hPa"
 
 
-def test_unknown_device_and_garbage_are_dead_letters():
-    result = EnrichStage({}.get).process([rec(parsed("ghost")), rec(b"nope")])
-    assert [str(d.reason) for d in result.dead] == ["unknown_device", "schema_violation"]
+def test_unknown_device_is_retryable_and_garbage_is_a_dead_letter():
+    ghost, garbage = rec(parsed("ghost")), rec(b"nope")
+    result = EnrichStage({}.get).process([ghost, garbage])
+    assert [(r, str(e.reason)) for r, e in result.retryable] == [(ghost, "unknown_device")]
+    assert [str(d.reason) for d in result.dead] == ["schema_violation"]
     assert result.dead[0].error_class == "InvalidMessage"
+    assert result.rejected_offsets == [garbage.offset]
+    assert not result.outputs
+
+
+def test_a_failed_retry_is_dead_lettered_with_its_first_coordinates():
+    first = rec(parsed("ghost"), topic="iot.parsed", partition=2)
+    headers = retry.retry_headers(
+        first.headers,
+        retry.origin((), first.topic, first.partition, first.offset, first.timestamp_ms),
+        failed_attempts=4,
+        due_at=0,
+        reason="unknown_device",
+        message="device_id is not in the registry",
+        now_ms=1,
+    )
+    again = rec(parsed("ghost"), topic="iot.enrich.retry", headers=tuple(headers))
+    result = EnrichStage({}.get).process([again])
+    ((record, exc),) = result.retryable
+    result.reject("enrich", record, exc)
+    dead = result.dead[0]
+    assert (dead.topic, dead.partition, dead.offset) == ("iot.parsed", 2, first.offset)
+    assert dead.attempts == 5
+    headers = dead.envelope_headers(2)
+    assert not [n for n, _ in headers if n.startswith("retry.")], headers
+    assert dict(headers)["dlq.attempts"] == b"5"
