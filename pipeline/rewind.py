@@ -100,12 +100,12 @@ def parse_target(
         raise ConfigError(f"{' and '.join(given)} exclude each other; give exactly one target")
     if to_datetime is not None:
         instant = parse_instant(to_datetime, "--to-datetime")
-        return Target("time", to_ms(instant), f"first record at or after {instant.isoformat()}")
+        return Target("time", to_ms(instant), f"first record at or after {_shown(instant)}")
     if by_duration is not None:
         duration = parse_duration(by_duration, "--by-duration")
         at = now - duration
         return Target(
-            "time", to_ms(at), f"first record at or after now - {by_duration} ({at.isoformat()})"
+            "time", to_ms(at), f"first record at or after now - {by_duration} ({_shown(at)})"
         )
     if shift_by is not None:
         return Target("shift", shift_by, f"committed offset {shift_by:+d}")
@@ -116,6 +116,10 @@ def parse_target(
     if to_earliest:
         return Target("earliest", 0, "low watermark (earliest)")
     return Target("latest", 0, "high watermark (latest)")
+
+
+def _shown(instant: datetime) -> str:
+    return instant.replace(microsecond=0).isoformat()
 
 
 def clamp(offset: int, low: int, high: int) -> int:
@@ -129,7 +133,7 @@ def offset_target(target: Target, current: int | None, low: int, high: int) -> t
     if target.kind == "latest":
         return high, "high watermark"
     if target.kind == "shift":
-        base, note = (current, "committed") if current is not None else (low, "no commit: low")
+        base, note = (current, "commit") if current is not None else (low, "no commit: low")
         wanted = base + target.value
         note = f"{note} {target.value:+d}"
     elif target.kind == "offset":
@@ -138,7 +142,7 @@ def offset_target(target: Target, current: int | None, low: int, high: int) -> t
         raise ValueError(f"{target.kind} targets are resolved by resolve_time_offset")
     offset = clamp(wanted, low, high)
     if offset != wanted:
-        note += f", clamped to {'low' if offset == low else 'high'}"
+        note += " (clamped)"
     return offset, note
 
 
@@ -366,11 +370,7 @@ def plan_rewind(
                     scan=functools.partial(reader.scan, tp, target.value, low, high),
                 )
                 shown = "none" if answer is None else str(answer)
-                note = (
-                    f"broker's answer {shown} verified"
-                    if method == "broker"
-                    else f"scanned: broker's answer {shown} was wrong"
-                )
+                note = "broker's answer" if method == "broker" else f"scanned (broker: {shown})"
                 plans.append(PartitionPlan(*tp, current, offset, low, high, method, note, answer))
             else:
                 offset, note = offset_target(target, current, low, high)

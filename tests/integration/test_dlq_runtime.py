@@ -141,7 +141,7 @@ def test_unknown_device_is_retried_without_blocking_then_dead_lettered_and_redri
         assert len(read_topic(settings, parsed_topic)) == 7  # dry run sent nothing
         done = run_cli(args, env)
         assert done.exit_code == 0, done.output
-        assert json.loads(done.output)["sent"] == {"unknown_device": 1}, done.output
+        assert json.loads(done.stdout)["sent"] == {"unknown_device": 1}, done.output
         wait_for(
             lambda: (
                 ("dev-never", 1) in {(w["device_id"], w["count"]) for w in aggregates(settings)}
@@ -244,7 +244,7 @@ def test_worker_killed_between_dead_letter_and_commit_loses_nothing(broker, tmp_
         env = {"KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap}
         first_replay = run_cli([*args, "--max-replays", "1"], env)
         assert first_replay.exit_code == 0, first_replay.output
-        sent = sum(json.loads(first_replay.output)["sent"].values())
+        sent = sum(json.loads(first_replay.stdout)["sent"].values())
         assert sent == len(dead_letters(settings, "parse")) >= 6
         wait_for(
             lambda: len(dead_letters(settings, "parse")) == 2 * sent,
@@ -256,7 +256,7 @@ def test_worker_killed_between_dead_letter_and_commit_loses_nothing(broker, tmp_
         assert {header(m, "dlq.replay-count") for m in again} == {b"1"}
         second_replay = run_cli([*args, "--max-replays", "1"], env)
         assert second_replay.exit_code == 0, second_replay.output
-        report = json.loads(second_replay.output)
+        report = json.loads(second_replay.stdout)
         assert report["sent"] == report["refused"] == {"decode_error": sent}, report
     finally:
         pipe.stop_all()

@@ -17,6 +17,8 @@ from tests.integration.test_topics_cli import run_cli, run_pipeline
 
 MINUTE_MS = 60_000
 
+pytestmark = pytest.mark.timeout(120)
+
 
 @pytest.fixture
 def parse_input(broker, tmp_path):
@@ -41,7 +43,8 @@ def commit(settings: Settings, offsets: dict[tuple[str, int], int]) -> None:
     request = ConsumerGroupTopicPartitions(
         group, [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
     )
-    answer = admin(settings).alter_consumer_group_offsets([request])[group].result()
+    client = admin(settings)  # referenced until the answer is in: a dropped client never answers
+    answer = client.alter_consumer_group_offsets([request], request_timeout=10)[group].result(15)
     assert all(tp.error is None for tp in answer.topic_partitions), answer.topic_partitions
 
 
@@ -85,7 +88,7 @@ def test_by_duration_dry_run_changes_nothing_and_execute_moves_the_group(broker,
 
     human = replay(broker, config, "--by-duration", "PT10M").stdout
     assert "dry run: nothing changed" in human
-    assert ("scanned" if broker.kind == "embedded" else "verified") in human
+    assert ("scanned" if broker.kind == "embedded" else "broker's") in human  # cells may wrap
     assert committed(settings, topic) == before
 
     rows = replay_json(broker, config, "--by-duration", "PT10M", "--execute")
@@ -137,7 +140,7 @@ def test_shift_by_earliest_offset_and_partition(broker, parse_input):
 
     rows = replay_json(broker, config, "--shift-by", "-5")
     assert (rows[0]["current"], rows[0]["target"], rows[0]["delta"]) == (30, 25, 5)
-    assert rows[1]["current"] is None and rows[1]["note"] == "no commit: low -5"
+    assert rows[1]["current"] is None and rows[1]["note"] == "no commit: low -5 (clamped)"
     assert committed(settings, topic) == {0: 30, 1: None, 2: None, 3: None}
 
     replay_json(broker, config, "--shift-by", "-5", "--partition", "0", "--execute")
@@ -148,7 +151,7 @@ def test_shift_by_earliest_offset_and_partition(broker, parse_input):
     assert committed(settings, topic) == {0: 0, 1: 0, 2: 0, 3: 0}
 
     rows = replay_json(broker, config, "--shift-by", "-5", "--execute")
-    assert (rows[0]["target"], rows[0]["note"]) == (0, "committed -5, clamped to low")
+    assert (rows[0]["target"], rows[0]["note"]) == (0, "commit -5 (clamped)")
     assert committed(settings, topic)[0] == 0
 
     rows = replay_json(broker, config, "--shift-by", "100", "--partition", "0")

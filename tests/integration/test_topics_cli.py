@@ -36,10 +36,10 @@ def test_topics_create_is_idempotent_and_list_reports_json(broker, tmp_path):
     env = {"KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap}
     again = run_cli(["--config", str(config), "topics", "create", "--json"], env)
     assert again.exit_code == 0, again.output
-    statuses = json.loads(again.output)
+    statuses = json.loads(again.stdout)
     assert {s["status"] for s in statuses} == {"exists"}
     assert {s["name"] for s in statuses} == set(settings.topics)
-    listed = json.loads(run_cli(["--config", str(config), "topics", "list", "--json"], env).output)
+    listed = json.loads(run_cli(["--config", str(config), "topics", "list", "--json"], env).stdout)
     by_name = {s["name"]: s for s in listed}
     for name, spec in settings.topics.items():
         assert by_name[name]["actual_partitions"] == spec.partitions

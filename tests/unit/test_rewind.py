@@ -129,23 +129,23 @@ def target(**chosen) -> Target:
 
 
 def test_shift_is_relative_to_the_commit_and_clamped_to_the_watermarks():
-    assert offset_target(target(shift_by=-5), 20, 0, 30) == (15, "committed -5")
-    assert offset_target(target(shift_by=-50), 20, 3, 30) == (3, "committed -50, clamped to low")
-    assert offset_target(target(shift_by=+50), 20, 0, 30) == (30, "committed +50, clamped to high")
+    assert offset_target(target(shift_by=-5), 20, 0, 30) == (15, "commit -5")
+    assert offset_target(target(shift_by=-50), 20, 3, 30) == (3, "commit -50 (clamped)")
+    assert offset_target(target(shift_by=+50), 20, 0, 30) == (30, "commit +50 (clamped)")
 
 
 def test_shift_without_a_commit_is_relative_to_the_low_watermark():
     assert offset_target(target(shift_by=5), None, 4, 30) == (9, "no commit: low +5")
     assert offset_target(target(shift_by=-5), None, 4, 30) == (
         4,
-        "no commit: low -5, clamped to low",
+        "no commit: low -5 (clamped)",
     )
 
 
 def test_absolute_and_watermark_targets():
     assert offset_target(target(to_offset=12), 20, 0, 30) == (12, "absolute")
-    assert offset_target(target(to_offset=99), 20, 0, 30) == (30, "absolute, clamped to high")
-    assert offset_target(target(to_offset=1), None, 5, 30) == (5, "absolute, clamped to low")
+    assert offset_target(target(to_offset=99), 20, 0, 30) == (30, "absolute (clamped)")
+    assert offset_target(target(to_offset=1), None, 5, 30) == (5, "absolute (clamped)")
     assert offset_target(target(to_earliest=True), 20, 5, 30) == (5, "low watermark")
     assert offset_target(target(to_latest=True), 20, 5, 30) == (30, "high watermark")
 
