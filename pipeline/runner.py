@@ -22,6 +22,7 @@ import logging
 import os
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any, NoReturn
 
 import faust
@@ -86,52 +87,17 @@ def build_app(settings: Settings, stage_id: str) -> tuple[StageApp, Binding]:
     binding = make_binding(stage_id, settings, app)
     topic = app.topic(*spec.inputs, key_serializer="raw", value_serializer="raw")
 
-    async def agent(stream: Any) -> None:
-        try:
-            async for event in stream.noack().events():
-                await binding.ready()  # first batch: recovery is complete by now
-                message = event.message
-                records = [to_in_record(r) for r in message.records]
-                await binding.handle(message.partition, records)
-                event.ack()
-        except StageStopped:
-            await _stay_stopped(app, binding)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            _crash(stage_id)
+    def batch_agent(on_batch: Callable[[str, int, list[InRecord]], Awaitable[None]]) -> Any:
+        """An agent that hands each partition batch to ``on_batch`` and acks it after;
+        a stop by the dead-letter budget parks it, anything unexpected crashes."""
 
-    app.agent(topic, name=f"{stage_id}-agent", concurrency=1)(agent)
-
-    if spec.retry is not None:
-        retry_topic_name = spec.retry.topic
-        app.batch_topics = app.batch_topics | {retry_topic_name}
-        retry_topic = app.topic(retry_topic_name, key_serializer="raw", value_serializer="raw")
-
-        async def retry_agent(stream: Any) -> None:
-            """Re-runs records from the retry topic once they are due. While it
-            waits, only the retry partition is paused: the live agent goes on."""
+        async def agent(stream: Any) -> None:
             try:
                 async for event in stream.noack().events():
-                    await binding.ready()
+                    await binding.ready()  # first batch: recovery is complete by now
                     message = event.message
                     records = [to_in_record(r) for r in message.records]
-                    tp = faust.types.TP(message.topic, message.partition)
-                    while records:
-                        now_ms = int(time.time() * 1000)
-                        due = _due(records, now_ms)
-                        if due:
-                            await binding.handle(message.partition, due)
-                            records = records[len(due) :]
-                            continue
-                        wait_s = (retry.due_at_ms(records[0].headers) - now_ms) / 1000
-                        metrics.RETRY_WAIT.labels(stage_id).set(1)
-                        app.consumer.pause_partitions([tp])
-                        try:
-                            await asyncio.sleep(min(wait_s, 60.0))
-                        finally:
-                            app.consumer.resume_partitions([tp])
-                            metrics.RETRY_WAIT.labels(stage_id).set(0)
+                    await on_batch(message.topic, message.partition, records)
                     event.ack()
             except StageStopped:
                 await _stay_stopped(app, binding)
@@ -140,7 +106,39 @@ def build_app(settings: Settings, stage_id: str) -> tuple[StageApp, Binding]:
             except Exception:
                 _crash(stage_id)
 
-        app.agent(retry_topic, name=f"{stage_id}-retry-agent", concurrency=1)(retry_agent)
+        return agent
+
+    async def live(topic: str, partition: int, records: list[InRecord]) -> None:
+        await binding.handle(partition, records)
+
+    app.agent(topic, name=f"{stage_id}-agent", concurrency=1)(batch_agent(live))
+
+    if spec.retry is not None:
+        retry_topic_name = spec.retry.topic
+        app.batch_topics = app.batch_topics | {retry_topic_name}
+        retry_topic = app.topic(retry_topic_name, key_serializer="raw", value_serializer="raw")
+
+        async def when_due(topic: str, partition: int, records: list[InRecord]) -> None:
+            """Re-run records from the retry topic once they are due. While it
+            waits, only the retry partition is paused: the live agent goes on."""
+            tp = faust.types.TP(topic, partition)
+            while records:
+                now_ms = int(time.time() * 1000)
+                due = _due(records, now_ms)
+                if due:
+                    await binding.handle(partition, due)
+                    records = records[len(due) :]
+                    continue
+                wait_s = (retry.due_at_ms(records[0].headers) - now_ms) / 1000
+                metrics.RETRY_WAIT.labels(stage_id).set(1)
+                app.consumer.pause_partitions([tp])
+                try:
+                    await asyncio.sleep(min(wait_s, 60.0))
+                finally:
+                    app.consumer.resume_partitions([tp])
+                    metrics.RETRY_WAIT.labels(stage_id).set(0)
+
+        app.agent(retry_topic, name=f"{stage_id}-retry-agent", concurrency=1)(batch_agent(when_due))
 
     async def on_rebalance_complete(sender: Any, **_: Any) -> None:
         assigned = [tp for tp in app.consumer.assignment() if tp.topic in spec.inputs]
