@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install demo test test-unit test-integration lint fmt clean
+.PHONY: install demo test test-unit test-integration test-helm lint fmt clean
 
 install: $(STAMP)
 
@@ -26,6 +26,9 @@ test-unit: install
 
 test-integration: install
 	$(BIN)/pytest tests/integration
+
+test-helm: install
+	$(BIN)/pytest tests/helm
 
 lint: install
 	$(BIN)/ruff check .

@@ -20,9 +20,9 @@ import faust
 from dlq import retry
 from dlq.budget import Budget, BudgetExceeded
 from dlq.envelope import DeadLetter
-from pipeline import contract, failpoints, metrics
+from pipeline import contract, failpoints, lineage, metrics
 from pipeline.health import HEALTH
-from pipeline.kafka import AsyncProducer, client_config, high_watermarks, producer
+from pipeline.kafka import AsyncProducer, Delivered, client_config, high_watermarks, producer
 from pipeline.lag import PipelineQuiet
 from pipeline.settings import Settings
 from pipeline.tables import named_global_table, named_table
@@ -63,6 +63,7 @@ class Binding:
         self._ready_lock = asyncio.Lock()
         self._ready = False
         self.budget = Budget(stage_id, self.spec.dlq_budget)
+        self.lineage_topic = settings.lineage_topic
         #: why the stage stopped consuming (the dead-letter budget), or None
         self.stopped: str | None = None
 
@@ -104,9 +105,16 @@ class Binding:
             except BudgetExceeded as exc:
                 self.stop(str(exc))
                 raise StageStopped(str(exc)) from None
-            await self.deliver(result, retries)
+            delivered = await self.deliver(result, retries)
             if result.dead:
                 failpoints.hit("dlq-delivered")
+            if self.lineage_topic is not None:
+                now_ms = int(time.time() * 1000)
+                await self.producer.send_batch(
+                    lineage.hops(
+                        stage, self.lineage_topic, records, result, retries, delivered, now_ms
+                    )
+                )
             self.after_delivery(partition, result)
         for topic in {r.topic for r in records}:
             metrics.RECORDS_CONSUMED.labels(stage, topic).inc(
@@ -173,9 +181,9 @@ class Binding:
             self.stage_id,
         )
 
-    async def deliver(self, result: StageResult, extra: Sequence[Outgoing] = ()) -> None:
-        """Produce outputs, retries and dead letters; return when the broker
-        acknowledged all of them."""
+    async def deliver(self, result: StageResult, extra: Sequence[Outgoing] = ()) -> list[Delivered]:
+        """Produce outputs, then ``extra`` (retries), then dead letters; return the
+        broker's acknowledgements of all of them, in that order."""
         now_ms = int(time.time() * 1000)
         out_topic, dlq_topic = self.spec.output, self.spec.dlq
         batch: list[Outgoing] = [
@@ -183,9 +191,10 @@ class Binding:
         ]
         batch += extra
         batch += [self._dead_letter(d, dlq_topic, now_ms) for d in result.dead]
-        await self.producer.send_batch(batch)
+        delivered = await self.producer.send_batch(batch)
         for dead in result.dead:
             metrics.DLQ_RECORDS.labels(self.stage_id, str(dead.reason)).inc()
+        return delivered
 
     @staticmethod
     def _dead_letter(dead: DeadLetter, topic: str, now_ms: int) -> Outgoing:

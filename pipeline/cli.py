@@ -6,59 +6,26 @@ Errors go to stderr as one line saying what to do, with exit codes:
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 
-from pipeline.errors import BrokerError, ConfigError, PipelineError
-from pipeline.settings import STAGE_IDS, Settings, load_settings
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-EXIT_CONFIG = 2
-EXIT_BROKER = 3
-
-
-def fail(message: str, code: int = 1) -> None:
-    click.echo(f"error: {message}", err=True)
-    sys.exit(code)
-
-
-def handle_errors(fn: F) -> F:
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except ConfigError as exc:
-            fail(str(exc), EXIT_CONFIG)
-        except BrokerError as exc:
-            fail(str(exc), EXIT_BROKER)
-        except PipelineError as exc:
-            fail(str(exc), 1)
-        return None
-
-    return wrapper  # type: ignore[return-value]
-
-
-def settings_from(ctx: click.Context, **overrides: Any) -> Settings:
-    return load_settings(ctx.obj.get("config"), **overrides)
-
-
-def print_table(headers: list[str], rows: list[list[Any]]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(*headers, box=None, pad_edge=False)
-    for row in rows:
-        table.add_row(*(str(c) for c in row))
-    Console().print(table)
+from pipeline.cli_common import (
+    EXIT_CONFIG,
+    fail,
+    handle_errors,
+    print_table,
+    settings_from,
+)
+from pipeline.cli_dlq import dlq
+from pipeline.cli_lineage import lineage_group
+from pipeline.cli_replay import replay
+from pipeline.settings import STAGE_IDS
 
 
 @click.group()
@@ -289,13 +256,9 @@ def demo(
     sys.exit(code)
 
 
-from pipeline.cli_replay import replay  # noqa: E402
-
 cli.add_command(replay)
-
-from pipeline.cli_dlq import dlq  # noqa: E402
-
 cli.add_command(dlq)
+cli.add_command(lineage_group)
 
 
 def main() -> None:

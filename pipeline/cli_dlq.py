@@ -10,7 +10,6 @@ without a timezone, a malformed REF or export file name exits 2 with one line.
 
 from __future__ import annotations
 
-import functools
 import json
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -18,6 +17,7 @@ from typing import Any, TypeVar
 import click
 
 from dlq import store
+from pipeline.cli_common import cell, clean, handle_errors, print_table, settings_from
 from pipeline.settings import Settings
 from pipeline.timeparse import parse_instant, to_ms
 
@@ -26,57 +26,14 @@ F = TypeVar("F", bound=Callable[..., Any])
 _MESSAGE_WIDTH = 60
 
 
-def _handle_errors(fn: F) -> F:
-    """:func:`pipeline.cli.handle_errors`, looked up when the command runs."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from pipeline.cli import handle_errors
-
-        return handle_errors(fn)(*args, **kwargs)
-
-    return wrapper  # type: ignore[return-value]
-
-
 def _settings(ctx: click.Context) -> Settings:
-    from pipeline.cli import settings_from
-
     return settings_from(ctx)
-
-
-def _table(headers: list[str], rows: list[list[Any]]) -> None:
-    """Like :func:`pipeline.cli.print_table`, but cells are made safe (dead letters
-    hold arbitrary text, which must neither be read as rich markup nor reach the
-    terminal as control characters), the first column is never wrapped, and output
-    that is not a terminal is not squeezed into 80 columns (it is for grep)."""
-    from rich.console import Console
-    from rich.markup import escape
-    from rich.table import Table
-
-    console = Console()
-    if not console.is_terminal:
-        console = Console(width=1000)
-    table = Table(box=None, pad_edge=False)
-    for i, header in enumerate(headers):
-        table.add_column(header, no_wrap=i == 0)
-    for row in rows:
-        table.add_row(*(escape(_clean(_cell(c))) for c in row))
-    console.print(table)
-
-
-def _cell(value: Any) -> str:
-    return "-" if value is None else str(value)
-
-
-def _clean(text: str) -> str:
-    """One printable line: control characters (and newlines) as escapes."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _short(text: str | None, width: int = _MESSAGE_WIDTH) -> str:
     if text is None:
         return "-"
-    line = _clean(text)
+    line = clean(text)
     return line if len(line) <= width else line[: width - 1] + "…"
 
 
@@ -167,7 +124,7 @@ def dlq() -> None:
 @_filter_options()
 @_json_option
 @click.pass_context
-@_handle_errors
+@handle_errors
 def dlq_list(
     ctx: click.Context,
     stages: Sequence[str],
@@ -188,7 +145,7 @@ def dlq_list(
     if not letters:
         click.echo("no dead letters match")
         return
-    _table(
+    print_table(
         ["REF", "stage", "reason", "error", "original", "failed-at", "attempts", "replays"],
         [
             [
@@ -212,7 +169,7 @@ def dlq_list(
 @_filter_options(limit=False)
 @_json_option
 @click.pass_context
-@_handle_errors
+@handle_errors
 def dlq_summary(
     ctx: click.Context,
     stages: Sequence[str],
@@ -250,7 +207,7 @@ def dlq_summary(
     if not rows:
         click.echo("no dead letters match")
         return
-    _table(
+    print_table(
         ["stage", "reason", "count", "oldest failed-at", "newest failed-at", "max replays"],
         [
             [
@@ -271,7 +228,7 @@ def dlq_summary(
 @click.argument("ref")
 @_json_option
 @click.pass_context
-@_handle_errors
+@handle_errors
 def dlq_show(ctx: click.Context, ref: str, as_json: bool) -> None:
     """One dead letter: envelope, all headers, key and a payload preview.
 
@@ -294,11 +251,11 @@ def dlq_show(ctx: click.Context, ref: str, as_json: bool) -> None:
         ("ref", letter.ref),
         ("stage", letter.stage),
         ("reason", letter.reason),
-        ("error", f"{letter.error_class or '?'}: {_clean(letter.error_message or '?')}"),
+        ("error", f"{letter.error_class or '?'}: {clean(letter.error_message or '?')}"),
         ("original", _original(letter)),
         ("original time", store.iso(letter.original_timestamp_ms) or "?"),
         ("failed at", store.iso(letter.failed_at_ms) or "?"),
-        ("attempts", _cell(letter.attempts)),
+        ("attempts", cell(letter.attempts)),
         ("replay count", str(letter.replay_count)),
         ("dead letter", f"{letter.topic}[{letter.partition}]@{letter.offset}"),
         ("key", _preview_line(key)),
@@ -309,7 +266,7 @@ def dlq_show(ctx: click.Context, ref: str, as_json: bool) -> None:
         click.echo(f"{name + ':':<15}{text}")
     click.echo(f"headers ({len(letter.headers)}):")
     for name, raw in letter.headers:
-        click.echo(f"  {_clean(name)}: {_preview_line(store.preview(raw, 200))}")
+        click.echo(f"  {clean(name)}: {_preview_line(store.preview(raw, 200))}")
     if value.encoding == "none":
         click.echo("payload: (none)")
         return
@@ -326,13 +283,13 @@ def _preview_line(p: store.Preview) -> str:
     if p.encoding == "none":
         return "(none)"
     more = "…" if p.truncated else ""
-    body = _clean(p.text) if p.encoding == "text" else f"hex {p.text}"
+    body = clean(p.text) if p.encoding == "text" else f"hex {p.text}"
     return f"{body}{more}"
 
 
 def _payload_text(text: str) -> str:
     """Multi-line text is kept; other control characters were refused by preview()."""
-    return "\n".join(_clean(line) for line in text.splitlines())
+    return "\n".join(clean(line) for line in text.splitlines())
 
 
 @dlq.command("export")
@@ -346,7 +303,7 @@ def _payload_text(text: str) -> str:
 @_filter_options()
 @_json_option
 @click.pass_context
-@_handle_errors
+@handle_errors
 def dlq_export(
     ctx: click.Context,
     out: str,
@@ -396,7 +353,7 @@ def dlq_export(
 )
 @_json_option
 @click.pass_context
-@_handle_errors
+@handle_errors
 def dlq_replay(
     ctx: click.Context,
     stage: str,
@@ -432,7 +389,7 @@ def dlq_replay(
     by_reason = sorted(set(report.sent) | set(report.refused), key=_reason_order)
     if by_reason:
         sent, refused = ("would send", "would refuse") if dry_run else ("sent", "refused")
-        _table(
+        print_table(
             ["reason", sent, refused],
             [[r, report.sent.get(r, 0), report.refused.get(r, 0)] for r in by_reason],
         )
@@ -469,7 +426,7 @@ def _reason_order(reason: str) -> tuple[int, str]:
 @click.option("--yes", is_flag=True, help="Really purge (without it: a dry run).")
 @_json_option
 @click.pass_context
-@_handle_errors
+@handle_errors
 def dlq_purge(ctx: click.Context, stage: str, before: str, yes: bool, as_json: bool) -> None:
     """Hide a stage's dead letters that failed before --before (a dry run without --yes).
 
@@ -489,7 +446,7 @@ def dlq_purge(ctx: click.Context, stage: str, before: str, yes: bool, as_json: b
         _echo_json(report.as_json())
         return
     if report.by_reason:
-        _table(
+        print_table(
             ["reason", "would purge" if report.dry_run else "purged"],
             [[r, report.by_reason[r]] for r in sorted(report.by_reason, key=_reason_order)],
         )

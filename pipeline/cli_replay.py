@@ -7,7 +7,6 @@ this one, and under ``python -m pipeline.cli`` the import would be circular.
 
 from __future__ import annotations
 
-import functools
 import json
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -15,19 +14,9 @@ from typing import Any, TypeVar
 
 import click
 
+from pipeline.cli_common import handle_errors, print_table, settings_from
+
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _handle_errors(fn: F) -> F:
-    """:func:`pipeline.cli.handle_errors`, looked up when the command runs."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from pipeline.cli import handle_errors
-
-        return handle_errors(fn)(*args, **kwargs)
-
-    return wrapper  # type: ignore[return-value]
 
 
 @click.command()
@@ -62,7 +51,7 @@ def _handle_errors(fn: F) -> F:
 )
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
-@_handle_errors
+@handle_errors
 def replay(
     ctx: click.Context,
     stage: str,
@@ -83,7 +72,6 @@ def replay(
     negative: skipped) and the watermarks. --execute applies it, and refuses
     while the stage's group has live members.
     """
-    from pipeline.cli import print_table, settings_from
     from pipeline.errors import ConfigError
     from pipeline.kafka import admin
     from pipeline.rewind import (

@@ -155,6 +155,8 @@ class Settings(BaseSettings):
     kafka_ssl_cafile: str | None = None
 
     app_prefix: str = "iot-pipeline"
+    #: where stages write record lineage hops (pipeline.lineage); none: no hops
+    lineage_topic: str | None = None
     metrics_host: str = "127.0.0.1"
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
     log_level: str = "info"
@@ -187,6 +189,8 @@ class Settings(BaseSettings):
                     raise ValueError(
                         f"stage {stage_id!r} uses topic {topic!r}, not declared under 'topics'"
                     )
+        if self.lineage_topic is not None and self.lineage_topic not in self.topics:
+            raise ValueError(f"lineage_topic {self.lineage_topic!r} is not declared under 'topics'")
         if self.stages["enrich"].registry_topic is None:
             raise ValueError("stage 'enrich' needs a 'registry_topic'")
         agg = self.stages["aggregate"]

@@ -140,6 +140,8 @@ class AggregateResult(StageResult):
     windows_emitted: int = 0
     touched: set[WindowKey] = field(default_factory=set)
     last_states: dict[WindowKey, bytes] = field(default_factory=dict)
+    #: (input offset, lineage id, window) of every reading counted, for lineage hops
+    counted: list[tuple[int, str, WindowKey]] = field(default_factory=list)
 
 
 class AggregateStage:
@@ -240,6 +242,7 @@ class AggregateStage:
             heapq.heappush(state.closing, (window.end + self.lateness_ms, wkey))
         window.add(ts, value, lineage)
         result.touched.add(wkey)
+        result.counted.append((record.offset, lineage, wkey))
         if state.watermark is None or ts > state.watermark:
             self._advance(partition, state, ts, result)
 

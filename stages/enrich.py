@@ -127,7 +127,9 @@ class EnrichStage:
         headers = contract.next_hop_headers(
             contract.header_map(record.headers), contract.SCHEMA_ENRICHED
         )
-        return OutRecord(record.key, orjson.dumps(reading), headers, reading.get("ts"))
+        return OutRecord(
+            record.key, orjson.dumps(reading), headers, reading.get("ts"), record.offset
+        )
 
     def process(self, records: Sequence[InRecord]) -> StageResult:
         """Enrich a batch. An unknown device is retryable: the registry may lag."""

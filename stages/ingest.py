@@ -154,5 +154,7 @@ class IngestStage:
                     contract.H_INGEST_TS: str(now_ms),
                 },
             )
-            result.outputs.append(OutRecord(key, payload, headers, record.timestamp_ms))
+            result.outputs.append(
+                OutRecord(key, payload, headers, record.timestamp_ms, record.offset)
+            )
         return result

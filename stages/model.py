@@ -31,6 +31,8 @@ class OutRecord:
     value: bytes
     headers: list[tuple[str, bytes]]
     timestamp_ms: int | None = None
+    #: offset of the input record it was made from (1:1 stages), for lineage hops
+    source_offset: int | None = None
 
 
 @dataclass(slots=True)

@@ -147,6 +147,12 @@ class ParseStage:
                 contract.header_map(record.headers), contract.SCHEMA_READING
             )
             result.outputs.append(
-                OutRecord(reading.device_id.encode(), reading.to_json(), headers, reading.ts)
+                OutRecord(
+                    reading.device_id.encode(),
+                    reading.to_json(),
+                    headers,
+                    reading.ts,
+                    record.offset,
+                )
             )
         return result

@@ -73,6 +73,8 @@ def isolated_config(
             spec["retry"]["topic"] = rename[spec["retry"]["topic"]]
     for stage_id, extra in (stages or {}).items():
         doc["stages"][stage_id].update(extra)
+    if doc.get("lineage_topic"):
+        doc["lineage_topic"] = rename[doc["lineage_topic"]]
     doc["app_prefix"] = f"{tag}-pipeline"
     path = tmp_path / f"{tag}.yaml"
     path.write_text(yaml.safe_dump(doc))

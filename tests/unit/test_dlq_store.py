@@ -318,9 +318,9 @@ def test_cli_naive_since_mentions_timezone():
 
 
 def test_human_tables_print_dead_letter_text_literally(capsys):
-    from pipeline.cli_dlq import _table
+    from pipeline.cli_common import print_table
 
-    _table(["REF", "error"], [["parse:0:1", "[/bold] \x1b[31mred\nline"], ["parse:0:2", None]])
+    print_table(["REF", "error"], [["parse:0:1", "[/bold] \x1b[31mred\nline"], ["parse:0:2", None]])
     out = capsys.readouterr().out
     assert "[/bold] \\x1b[31mred\\nline" in out  # not rich markup, no raw escapes
     assert "\x1b" not in out
