@@ -20,7 +20,8 @@ import faust
 from dlq import retry
 from dlq.budget import Budget, BudgetExceeded
 from dlq.envelope import DeadLetter
-from pipeline import contract, failpoints, lineage, metrics
+from dlq.reasons import Reason
+from pipeline import failpoints, lineage, metrics, tracing
 from pipeline.health import HEALTH
 from pipeline.kafka import AsyncProducer, Delivered, client_config, high_watermarks, producer
 from pipeline.lag import PipelineQuiet
@@ -66,6 +67,19 @@ class Binding:
         self.lineage_topic = settings.lineage_topic
         #: why the stage stopped consuming (the dead-letter budget), or None
         self.stopped: str | None = None
+        #: monotonic time the batch being processed started, or None when idle
+        self.busy_since: float | None = None
+        HEALTH.watch(f"{stage_id}_batch", self.stuck)
+
+    def stuck(self) -> str | None:
+        """A liveness problem if one batch has been processing for too long."""
+        since, limit = self.busy_since, self.settings.runner.liveness_timeout_s
+        if since is not None and time.monotonic() - since > limit:
+            return (
+                f"stage {self.stage_id}: one batch has been processing for "
+                f"{time.monotonic() - since:.0f}s (runner.liveness_timeout_s={limit:g})"
+            )
+        return None
 
     @property
     def producer(self) -> AsyncProducer:
@@ -98,42 +112,47 @@ class Binding:
         async with self.lock:
             if self.stopped is not None:
                 raise StageStopped(self.stopped)
-            result = self.process(partition, records)
-            retries = self._route_retries(result)
+            self.busy_since = time.monotonic()
             try:
-                self.budget.check(self._outcomes(records, result))
-            except BudgetExceeded as exc:
-                self.stop(str(exc))
-                raise StageStopped(str(exc)) from None
-            delivered = await self.deliver(result, retries)
-            if result.dead:
-                failpoints.hit("dlq-delivered")
-            if self.lineage_topic is not None:
-                now_ms = int(time.time() * 1000)
-                await self.producer.send_batch(
-                    lineage.hops(
-                        stage, self.lineage_topic, records, result, retries, delivered, now_ms
-                    )
-                )
-            self.after_delivery(partition, result)
-        for topic in {r.topic for r in records}:
-            metrics.RECORDS_CONSUMED.labels(stage, topic).inc(
-                sum(1 for r in records if r.topic == topic)
-            )
-        if result.outputs:
-            metrics.RECORDS_PRODUCED.labels(stage, out_topic).inc(len(result.outputs))
-        if result.duplicates:
-            metrics.DUPLICATES.labels(stage).inc(result.duplicates)
-        if retries:
-            metrics.RETRIES.labels(stage).inc(len(retries))
-        metrics.PROCESSING_SECONDS.labels(stage).observe(time.perf_counter() - started)
-        now = time.time()
-        metrics.LAST_PROCESSED.labels(stage).set(now)
-        ingest_ts = (
-            contract.header_map(records[-1].headers).get(contract.H_INGEST_TS) if records else None
+                result, retries = await self._process_and_deliver(partition, records)
+            finally:
+                self.busy_since = None
+        metrics.batch_done(
+            stage,
+            records,
+            out_topic,
+            len(result.outputs),
+            result.duplicates,
+            len(retries),
+            time.perf_counter() - started,
         )
-        if ingest_ts is not None and ingest_ts.isdigit():
-            metrics.E2E_LATENCY.labels(stage).observe(max(0.0, now - int(ingest_ts) / 1000))
+
+    async def _process_and_deliver(
+        self, partition: int, records: Sequence[InRecord]
+    ) -> tuple[StageResult, list[Outgoing]]:
+        failpoints.hit("batch-stall")
+        start_ns = time.time_ns()
+        result = self.process(partition, records)
+        if tracing.active():
+            tracing.stage_spans(tracing.tracer(), self.stage_id, records, result, start_ns)
+        retries = self._route_retries(result)
+        try:
+            self.budget.check(self._outcomes(records, result))
+        except BudgetExceeded as exc:
+            self.stop(str(exc))
+            raise StageStopped(str(exc)) from None
+        delivered = await self.deliver(result, retries)
+        if result.dead:
+            failpoints.hit("dlq-delivered")
+        if self.lineage_topic is not None:
+            now_ms = int(time.time() * 1000)
+            await self.producer.send_batch(
+                lineage.hops(
+                    self.stage_id, self.lineage_topic, records, result, retries, delivered, now_ms
+                )
+            )
+        self.after_delivery(partition, result)
+        return result, retries
 
     @staticmethod
     def _outcomes(records: Sequence[InRecord], result: StageResult) -> list[bool]:
@@ -194,6 +213,8 @@ class Binding:
         delivered = await self.producer.send_batch(batch)
         for dead in result.dead:
             metrics.DLQ_RECORDS.labels(self.stage_id, str(dead.reason)).inc()
+            if dead.reason is Reason.LATE:
+                metrics.LATE_READINGS.labels(self.stage_id).inc()
         return delivered
 
     @staticmethod

@@ -25,6 +25,7 @@ from pipeline.cli_common import (
 from pipeline.cli_dlq import dlq
 from pipeline.cli_lineage import lineage_group
 from pipeline.cli_replay import replay
+from pipeline.cli_status import status
 from pipeline.settings import STAGE_IDS
 
 
@@ -259,6 +260,7 @@ def demo(
 cli.add_command(replay)
 cli.add_command(dlq)
 cli.add_command(lineage_group)
+cli.add_command(status)
 
 
 def main() -> None:

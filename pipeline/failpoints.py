@@ -1,12 +1,14 @@
 """Crash points, to test what a worker dying at the worst moment does.
 
 ``PIPELINE_FAILPOINT=<name>[:<n>]`` makes the worker kill itself with SIGKILL the
-``n``-th time (default: the first) it passes the point ``name``. Unset — the
+``n``-th time (default: the first) it passes the point ``name``; a point whose
+name ends in ``-stall`` blocks the worker's thread instead (an hour), as a call
+that never returns would. Unset — the
 default and the only sane production value — every point is a no-op costing
 one comparison.
 
 Points: ``dlq-delivered`` (dead letters acknowledged by the broker, batch not yet
-acked, so its offsets are not committed).
+acked, so its offsets are not committed); ``batch-stall`` (processing a batch).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import time
 
 _name, _, _count = (os.environ.get("PIPELINE_FAILPOINT") or "").partition(":")
 _remaining = int(_count or 1) if _name else 0
@@ -24,7 +27,10 @@ def hit(name: str) -> None:
     if not _remaining or name != _name:
         return
     _remaining -= 1
-    if _remaining == 0:
+    if _remaining == 0 and name.endswith("-stall"):
+        logging.getLogger("pipeline.failpoints").warning("failpoint %s: blocking", name)
+        time.sleep(3600)
+    elif _remaining == 0:
         logging.getLogger("pipeline.failpoints").warning("failpoint %s: SIGKILL", name)
         logging.shutdown()
         os.kill(os.getpid(), signal.SIGKILL)

@@ -1,7 +1,9 @@
 """A worker's HTTP endpoints: ``/metrics``, ``/healthz``, ``/readyz``; nothing else.
 
-* ``/healthz`` (liveness) answers 503 while any problem is reported (e.g. the
-  dead-letter budget stopped the stage), with the problems as JSON.
+* ``/healthz`` (liveness) answers 503 while any problem is reported, with the
+  problems as JSON: the dead-letter budget stopped the stage, a batch has been
+  processing for longer than ``runner.liveness_timeout_s``, or the event loop
+  has not ticked for that long (something blocks it).
 * ``/readyz`` answers 200 once the worker has its partitions and its tables are
   recovered.
 
@@ -12,6 +14,7 @@ browsing or debug routes; every other path is 404.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import orjson
@@ -26,7 +29,14 @@ class Health:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._problems: dict[str, str] = {}
+        self._watchdogs: dict[str, Callable[[], str | None]] = {}
         self._ready = False
+
+    def watch(self, component: str, check: Callable[[], str | None]) -> None:
+        """``check`` runs on every health request (in the HTTP thread, so it sees a
+        blocked event loop) and returns a problem or None."""
+        with self._lock:
+            self._watchdogs[component] = check
 
     def fail(self, component: str, message: str) -> None:
         with self._lock:
@@ -40,14 +50,24 @@ class Health:
         with self._lock:
             self._ready = ready
 
-    def liveness(self) -> tuple[bool, dict[str, object]]:
+    def problems(self) -> dict[str, str]:
         with self._lock:
             problems = dict(self._problems)
+            watchdogs = list(self._watchdogs.items())
+        for component, check in watchdogs:
+            problem = check()
+            if problem is not None:
+                problems[component] = problem
+        return problems
+
+    def liveness(self) -> tuple[bool, dict[str, object]]:
+        problems = self.problems()
         return not problems, {"status": "ok" if not problems else "failing", "problems": problems}
 
     def readiness(self) -> tuple[bool, dict[str, object]]:
         with self._lock:
-            ready = self._ready and not self._problems
+            ready = self._ready
+        ready = ready and not self.problems()
         return ready, {"status": "ready" if ready else "not ready"}
 
 

@@ -6,7 +6,13 @@ device id or a payload value.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Sequence
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from pipeline.contract import H_INGEST_TS
+from stages.model import InRecord
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -38,7 +44,7 @@ PROCESSING_SECONDS = Histogram(
 )
 E2E_LATENCY = Histogram(
     "pipeline_record_e2e_latency_seconds",
-    "Time from ingest to the end of this stage, per record.",
+    "Time from ingest to the end of this stage, of the last record of each batch.",
     ["stage"],
     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
     registry=REGISTRY,
@@ -63,6 +69,19 @@ REBALANCES = Counter(
     registry=REGISTRY,
 )
 
+CONSUMER_LAG = Gauge(
+    "pipeline_consumer_lag_records",
+    "Records in an assigned input partition after the group's committed offset "
+    "(high watermark from the last Fetch response).",
+    ["stage", "topic", "partition"],
+    registry=REGISTRY,
+)
+LATE_READINGS = Counter(
+    "pipeline_late_readings_total",
+    "Readings for windows already emitted (also dead-lettered with reason late).",
+    ["stage"],
+    registry=REGISTRY,
+)
 STAGE_STOPPED = Gauge(
     "pipeline_stage_stopped",
     "1 while the stage has stopped consuming because its dead-letter budget was exceeded.",
@@ -75,3 +94,34 @@ RETRY_WAIT = Gauge(
     ["stage"],
     registry=REGISTRY,
 )
+
+
+def batch_done(
+    stage: str,
+    records: Sequence[InRecord],
+    out_topic: str,
+    produced: int,
+    duplicates: int,
+    retries: int,
+    seconds: float,
+) -> None:
+    """Account one delivered batch (records of one partition): a handful of metric
+    updates per batch, none per record (dead letters are counted where they are
+    delivered)."""
+    if records:
+        RECORDS_CONSUMED.labels(stage, records[0].topic).inc(len(records))
+    if produced:
+        RECORDS_PRODUCED.labels(stage, out_topic).inc(produced)
+    if duplicates:
+        DUPLICATES.labels(stage).inc(duplicates)
+    if retries:
+        RETRIES.labels(stage).inc(retries)
+    PROCESSING_SECONDS.labels(stage).observe(seconds)
+    now = time.time()
+    LAST_PROCESSED.labels(stage).set(now)
+    if records:
+        for name, value in records[-1].headers:
+            if name == H_INGEST_TS:
+                if value.isdigit():
+                    E2E_LATENCY.labels(stage).observe(max(0.0, now - int(value) / 1000))
+                break

@@ -33,6 +33,7 @@ from pipeline.bindings import AggregateBinding, Binding, StageStopped, make_bind
 from pipeline.faust_fixes import apply_faust_fixes
 from pipeline.health import HEALTH
 from pipeline.kafka import bootstrap, client_config
+from pipeline.openlineage import StageLineage
 from pipeline.settings import Settings
 from pipeline.transport import BatchTransport
 from stages.model import InRecord
@@ -48,6 +49,8 @@ class StageApp(faust.App):
     batch_topics: frozenset[str] = frozenset()
     #: the dead-letter budget stopped the stage: nothing more is processed or acked
     halted: bool = False
+    #: OpenLineage run events of this worker (START, then COMPLETE or FAIL)
+    run_events: StageLineage | None = None
     kafka_client_config: dict[str, Any] | None = None
 
     def _new_transport(self) -> Any:
@@ -85,6 +88,7 @@ def build_app(settings: Settings, stage_id: str) -> tuple[StageApp, Binding]:
     app.batch_topics = frozenset(spec.inputs)
     app.kafka_client_config = client_config(settings)
     binding = make_binding(stage_id, settings, app)
+    app.run_events = StageLineage(settings, stage_id)
     topic = app.topic(*spec.inputs, key_serializer="raw", value_serializer="raw")
 
     def batch_agent(on_batch: Callable[[str, int, list[InRecord]], Awaitable[None]]) -> Any:
@@ -104,7 +108,7 @@ def build_app(settings: Settings, stage_id: str) -> tuple[StageApp, Binding]:
             except asyncio.CancelledError:
                 raise
             except Exception:
-                _crash(stage_id)
+                _crash(app, stage_id)
 
         return agent
 
@@ -140,11 +144,15 @@ def build_app(settings: Settings, stage_id: str) -> tuple[StageApp, Binding]:
 
         app.agent(retry_topic, name=f"{stage_id}-retry-agent", concurrency=1)(batch_agent(when_due))
 
+    install_watchdogs(app, settings, stage_id)
+
     async def on_rebalance_complete(sender: Any, **_: Any) -> None:
         assigned = [tp for tp in app.consumer.assignment() if tp.topic in spec.inputs]
         metrics.ASSIGNED_PARTITIONS.labels(stage_id).set(len(assigned))
         metrics.REBALANCES.labels(stage_id).inc()
         HEALTH.set_ready(True)
+        if app.run_events is not None:
+            app.run_events.start()  # the first call emits START, in a thread
         log.info("stage %s: %d input partitions assigned", stage_id, len(assigned))
         if binding.stopped is not None:
             _pause_inputs(app)
@@ -158,10 +166,59 @@ def build_app(settings: Settings, stage_id: str) -> tuple[StageApp, Binding]:
             try:
                 await tick_binding.tick()
             except Exception:
-                _crash(stage_id, "idle tick failed")
+                _crash(app, stage_id, "idle tick failed")
 
         app.timer(interval=max(0.2, settings.aggregate.idle_timeout_s / 4))(idle_tick)
     return app, binding
+
+
+def install_watchdogs(app: StageApp, settings: Settings, stage_id: str) -> None:
+    """The event-loop heartbeat behind ``/healthz`` and the consumer-lag gauge."""
+    spec = settings.stage(stage_id)
+    limit = settings.runner.liveness_timeout_s
+    last_tick = [time.monotonic()]
+
+    async def heartbeat() -> None:
+        last_tick[0] = time.monotonic()
+
+    def loop_blocked() -> str | None:
+        age = time.monotonic() - last_tick[0]
+        if age > limit:
+            return (
+                f"the event loop has not run for {age:.0f}s (runner.liveness_timeout_s={limit:g})"
+            )
+        return None
+
+    app.timer(interval=1.0)(heartbeat)
+    HEALTH.watch("event_loop", loop_blocked)
+
+    published: set[tuple[str, int]] = set()
+
+    async def sample_lag() -> None:
+        """Lag of each assigned input partition: the high watermark of the last Fetch
+        response (right on every broker) minus the group's committed offset."""
+        consumer = app.consumer
+        seen: set[tuple[str, int]] = set()
+        for tp in consumer.assignment():
+            if tp.topic not in spec.inputs:
+                continue
+            try:
+                high = consumer.highwater(tp)
+            except Exception:  # noqa: S112 (not fetched yet, or moving in a rebalance)
+                continue
+            if high is None or high < 0:
+                continue
+            committed = consumer._committed_offset.get(tp) or 0  # type: ignore[attr-defined]
+            metrics.CONSUMER_LAG.labels(stage_id, tp.topic, str(tp.partition)).set(
+                max(0, high - committed)
+            )
+            seen.add((tp.topic, tp.partition))
+        for topic, partition in published - seen:
+            metrics.CONSUMER_LAG.remove(stage_id, topic, str(partition))
+        published.clear()
+        published.update(seen)
+
+    app.timer(interval=settings.runner.lag_interval_s)(sample_lag)
 
 
 def _due(records: list[InRecord], now_ms: int) -> list[InRecord]:
@@ -169,8 +226,10 @@ def _due(records: list[InRecord], now_ms: int) -> list[InRecord]:
     return list(itertools.takewhile(lambda r: retry.due_at_ms(r.headers) <= now_ms, records))
 
 
-def _crash(stage_id: str, what: str = "unexpected error") -> NoReturn:
+def _crash(app: StageApp, stage_id: str, what: str = "unexpected error") -> NoReturn:
     log.critical("stage %s: %s, exiting without commit", stage_id, what, exc_info=True)
+    if app.run_events is not None:
+        app.run_events.fail(f"stage {stage_id}: {what}")
     logging.shutdown()
     os._exit(EXIT_BUG)
 
@@ -207,7 +266,22 @@ def run_stage(settings: Settings, stage_id: str) -> None:
     worker = faust.Worker(
         app, loglevel=settings.log_level.upper(), quiet=True, redirect_stdouts=False
     )
+    run_events = app.run_events
+    assert run_events is not None
     try:
         worker.execute_from_commandline()
+    except SystemExit as exc:  # mode exits 0 after SIGTERM, 1 after an exception
+        if exc.code in (0, None) and not app.halted:
+            run_events.complete()
+        else:
+            run_events.fail(
+                "stopped by its dead-letter budget"
+                if app.halted
+                else f"worker exited with code {exc.code}"
+            )
+        raise
+    except BaseException as exc:
+        run_events.fail(f"stage {stage_id}: {exc!r}")
+        raise
     finally:
         binding.close()

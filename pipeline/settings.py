@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import (
@@ -132,6 +132,37 @@ class RunnerSettings(_Frozen):
     batch_max_records: int = Field(default=2000, ge=1)
     commit_interval_s: float = Field(default=1.0, gt=0)
     session_timeout_s: float = Field(default=10.0, ge=1)
+    #: /healthz fails when one batch (or the event loop) is stuck for this long
+    liveness_timeout_s: float = Field(default=60.0, gt=0)
+    #: how often a worker samples its consumer lag for the lag gauge
+    lag_interval_s: float = Field(default=5.0, gt=0)
+
+
+class OpenLineageSettings(_Frozen):
+    """Dataset lineage: OpenLineage run events of each stage worker (pipeline.openlineage).
+
+    ``transport``: ``file`` (default) appends one JSON line per event to ``file_path``
+    (default ``<tempdir>/openlineage-<app_prefix>.jsonl``: the only writable place of a
+    worker with a read-only root filesystem); ``console`` logs each event;
+    ``http`` posts it to ``url`` + ``endpoint`` (a Marquez-like backend); ``none`` emits
+    nothing. A failed emission logs one warning; it never stops a worker.
+    """
+
+    transport: Literal["none", "console", "file", "http"] = "file"
+    #: the jobs' namespace; default: app_prefix
+    namespace: str | None = Field(default=None, min_length=1)
+    file_path: str | None = Field(default=None, min_length=1)
+    url: str | None = Field(default=None, pattern=r"^https?://[^/\s]+")
+    endpoint: str = "api/v1/lineage"
+    api_key: SecretStr | None = None
+    #: per HTTP request (connect, then read); no retries
+    timeout_s: float = Field(default=2.0, gt=0, le=30)
+
+    @model_validator(mode="after")
+    def _http_needs_url(self) -> OpenLineageSettings:
+        if self.transport == "http" and self.url is None:
+            raise ValueError("transport 'http' needs a 'url'")
+        return self
 
 
 class Settings(BaseSettings):
@@ -167,6 +198,7 @@ class Settings(BaseSettings):
     parse: ParseSettings = ParseSettings()
     aggregate: AggregateSettings = AggregateSettings()
     runner: RunnerSettings = RunnerSettings()
+    openlineage: OpenLineageSettings = OpenLineageSettings()
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:

@@ -95,12 +95,26 @@ class BatchConsumer(faust_aiokafka.Consumer):
 
     async def _refetch_lost(self, fetched: Mapping[TP, Any]) -> None:
         """Seek back where the fetch position ran ahead of what the agent was handed
-        and no records came: the lost records were the partition's last ones."""
-        for tp, expected in list(self._expected.items()):
-            if tp in fetched:
+        and no records came: the lost records were the partition's last ones.
+
+        Every assigned partition is checked, also one that has nothing handed over
+        yet: a batch fetched and dropped while flow was stopped for a recovery,
+        followed by a rebalance that reset our bookkeeping, leaves the position at
+        the end of a partition that will never fetch anything again.
+        """
+        batch_topics = self._batch_topics
+        for tp in self.assignment():
+            if tp.topic not in batch_topics or tp in fetched:
                 continue
             position = self._fetch_position(tp)
-            if position is not None and position > expected:
+            if position is None:
+                continue
+            expected = self._expected.get(tp)
+            if expected is None:
+                if position == 0:
+                    continue
+                expected = self._expected[tp] = await self._start_offset(tp)
+            if position > expected:
                 logger.warning(
                     "%s: fetch position %d is past %d, the next offset to process; "
                     "seeking back to fetch the gap",

@@ -145,6 +145,16 @@ def test_four_stage_pipeline_counts_every_good_reading_once(broker, tmp_path):
         env = {"KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap}
         shown = run_cli(["--config", str(config), "lineage", "trace", one.lineage_id], env)
         assert shown.exit_code == 0 and "end: window" in shown.stdout, shown.output
+        # trace context: each stage's output is a child span of its input, one trace
+        spans = []
+        for topic in ("parse", "enrich", "aggregate"):
+            for m in read_topic(settings, settings.stages[topic].inputs[0]):
+                if dict(m.headers())["lineage-id"].decode() == one.lineage_id:
+                    spans.append(dict(m.headers())["traceparent"].decode().split("-"))
+        assert (
+            len(spans) == 3 and len({s[1] for s in spans}) == 1 and len({s[2] for s in spans}) == 3
+        )
+        assert_metrics_match(pipe, settings, records, len(got))
     finally:
         pipe.stop_all()
 
@@ -274,3 +284,54 @@ def test_rewinding_parse_reprocesses_and_leaves_the_aggregates_unchanged(broker,
 
 def _multiset(windows: list[dict]) -> Counter:
     return Counter(json.dumps(w, sort_keys=True) for w in windows)
+
+
+def assert_metrics_match(pipe: Pipeline, settings, records: list[SimRecord], windows: int) -> None:
+    """Each worker's /metrics, scraped over HTTP and parsed with prometheus_client,
+    counts exactly the records this run sent through it; lag drains to 0."""
+    poison = Counter(r.stage for r in records if r.stage is not None)
+    repeats = sum(r.kind == "duplicate" for r in records)
+    w = {stage: procs[0] for stage, procs in pipe.workers.items()}
+
+    def total(stage: str, name: str, **labels: str) -> float:
+        samples = w[stage].metrics()
+        return sum(
+            v
+            for (n, ls), v in samples.items()
+            if n == name and all(dict(ls).get(k) == x for k, x in labels.items())
+        )
+
+    spec = settings.stages
+    ingested = len(records) - poison["ingest"] - repeats
+    assert total(
+        "ingest", "pipeline_records_consumed_total", topic=spec["ingest"].inputs[0]
+    ) == len(records)
+    assert total("ingest", "pipeline_duplicates_dropped_total") == repeats
+    assert (
+        total("ingest", "pipeline_records_produced_total", topic=spec["ingest"].output) == ingested
+    )
+    parsed = ingested - poison["parse"]
+    assert total("parse", "pipeline_records_consumed_total") == ingested
+    assert total("parse", "pipeline_records_produced_total") == parsed
+    assert (
+        total("enrich", "pipeline_records_consumed_total", topic=spec["enrich"].inputs[0]) == parsed
+    )
+    attempts = settings.stages["enrich"].retry.max_attempts
+    assert total("enrich", "pipeline_retries_total") == poison["enrich"] * (attempts - 1)
+    enriched = parsed - poison["enrich"]
+    assert total("enrich", "pipeline_records_produced_total") == enriched
+    assert total("aggregate", "pipeline_records_consumed_total") == enriched
+    assert total("aggregate", "pipeline_windows_emitted_total") == windows
+    for stage in ("ingest", "parse", "enrich", "aggregate"):
+        assert total(stage, "pipeline_dlq_records_total") == poison[stage], stage
+
+    def lag_drained() -> bool:
+        lags = [
+            v
+            for p in w.values()
+            for (n, _), v in p.metrics().items()
+            if n == "pipeline_consumer_lag_records"
+        ]
+        return len(lags) >= 16 and not any(lags)
+
+    wait_for(lag_drained, 30, "every partition's lag gauge at 0", pipe.logs)
