@@ -174,6 +174,7 @@ PASSWORD_ATTEMPTS: list[dict[str, Any]] = [
     {"kafka": {"sasl": {"password": PASSWORD}}},
     {"env": {"PIPELINE_KAFKA_SASL_PASSWORD": PASSWORD}},
     {"env": {"KAFKA_PASSWORD": PASSWORD}},
+    {"env": {"PIPELINE_OPENLINEAGE__API_KEY": PASSWORD}},
     {"stages": {"parse": {"env": {"PIPELINE_KAFKA_SASL_PASSWORD": PASSWORD}}}},
     {"stages": {"parse": {"env": {"api_token": PASSWORD}}}},
     {"config": {"kafka_sasl_password": PASSWORD}},
