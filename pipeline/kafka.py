@@ -254,7 +254,13 @@ def read_topic(
     reader = consumer(settings)
     messages: list[Message] = []
     try:
-        metadata = reader.list_topics(topic, timeout=10)
+        try:
+            metadata = reader.list_topics(topic, timeout=10)
+        except KafkaException as exc:
+            raise BrokerError(
+                f"cannot read {topic}: {exc.args[0].str() if exc.args else exc}; "
+                "is the broker at KAFKA_BOOTSTRAP_SERVERS up?"
+            ) from None
         info = metadata.topics.get(topic)
         if info is None or info.error is not None:
             raise BrokerError(f"topic {topic} does not exist; run `pipeline topics create`")

@@ -84,3 +84,13 @@ def test_unreachable_broker_is_a_clear_error_not_a_hang(tmp_path):
     proc = run_pipeline(["topics", "list"], env, timeout=90)
     assert proc.returncode == 3
     assert proc.stderr.startswith("error: cannot read topic metadata")
+
+
+def test_reading_commands_on_an_unreachable_broker_exit_3_with_one_line():
+    from pipeline.broker import free_port
+
+    env = {"KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{free_port()}"}
+    result = run_cli(["lineage", "trace", "01JZZZZZZZZZZZZZZZZZZZZZZZ"], env)
+    assert result.exit_code == 3
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "is the broker at KAFKA_BOOTSTRAP_SERVERS up?" in lines[0]
