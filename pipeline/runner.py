@@ -20,6 +20,7 @@ import asyncio
 import itertools
 import logging
 import os
+import ssl
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
@@ -84,6 +85,7 @@ def build_app(settings: Settings, stage_id: str) -> tuple[StageApp, Binding]:
             tempfile.gettempdir(), f"faust-{settings.group_id(stage_id)}-{os.getpid()}"
         ),
         producer_acks=-1,
+        broker_credentials=faust_credentials(settings),
     )
     app.batch_topics = frozenset(spec.inputs)
     app.kafka_client_config = client_config(settings)
@@ -170,6 +172,27 @@ def build_app(settings: Settings, stage_id: str) -> tuple[StageApp, Binding]:
 
         app.timer(interval=max(0.2, settings.aggregate.idle_timeout_s / 4))(idle_tick)
     return app, binding
+
+
+def faust_credentials(settings: Settings) -> Any:
+    """The Kafka security settings for Faust's own (aiokafka) clients, from the same
+    settings :func:`pipeline.kafka.client_config` gives confluent-kafka clients.
+    None for PLAINTEXT."""
+    protocol = settings.kafka_security_protocol.upper()
+    if protocol == "PLAINTEXT":
+        return None
+    context = None
+    if protocol in ("SSL", "SASL_SSL"):
+        context = ssl.create_default_context(cafile=settings.kafka_ssl_cafile)
+    if protocol == "SSL":
+        return faust.SSLCredentials(context)
+    password = settings.kafka_sasl_password
+    return faust.SASLCredentials(
+        username=settings.kafka_sasl_username,
+        password=password.get_secret_value() if password is not None else None,
+        mechanism=settings.kafka_sasl_mechanism or "PLAIN",
+        ssl_context=context,
+    )
 
 
 def install_watchdogs(app: StageApp, settings: Settings, stage_id: str) -> None:
