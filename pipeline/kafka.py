@@ -65,6 +65,13 @@ def client_config(settings: Settings) -> dict[str, Any]:
     return config
 
 
+def broker_error(what: str, exc: KafkaException) -> BrokerError:
+    """A one-line BrokerError for a failed client call: what failed, why, what to check."""
+    err = exc.args[0] if exc.args else exc
+    text = err.str() if isinstance(err, KafkaError) else str(err)
+    return BrokerError(f"{what}: {text}; check KAFKA_BOOTSTRAP_SERVERS and that the broker is up")
+
+
 def admin(settings: Settings) -> AdminClient:
     return AdminClient(client_config(settings))
 

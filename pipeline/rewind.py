@@ -41,10 +41,11 @@ from confluent_kafka import (
 from confluent_kafka.admin import AdminClient
 
 from pipeline.errors import BrokerError, ConfigError, PipelineError
-from pipeline.kafka import client_config, consumer, high_watermarks
+from pipeline.kafka import broker_error, client_config, consumer, high_watermarks
 from pipeline.lag import committed_offsets
 from pipeline.settings import Settings
 from pipeline.timeparse import parse_duration, parse_instant, to_ms
+from pipeline.topics import require_topics
 
 TP = tuple[str, int]
 TargetKind = Literal["time", "shift", "offset", "earliest", "latest"]
@@ -237,12 +238,6 @@ class PartitionPlan:
 # ------------------------------------------------------------------ broker side
 
 
-def _broker_error(what: str, exc: KafkaException) -> BrokerError:
-    err = exc.args[0] if exc.args else exc
-    text = err.str() if isinstance(err, KafkaError) else str(err)
-    return BrokerError(f"{what}: {text}; check KAFKA_BOOTSTRAP_SERVERS and that the broker is up")
-
-
 class PartitionReader:
     """Reads single records and scans partitions with assign (no group, no commits)."""
 
@@ -324,17 +319,6 @@ class PartitionReader:
         return high
 
 
-def _check_topics(client: AdminClient, topics: Iterable[str], timeout: float) -> None:
-    try:
-        metadata = client.list_topics(timeout=timeout)
-    except KafkaException as exc:
-        raise _broker_error("cannot read topic metadata", exc) from None
-    for topic in topics:
-        info = metadata.topics.get(topic)
-        if info is None or info.error is not None:
-            raise ConfigError(f"topic {topic} does not exist; run `pipeline topics create`")
-
-
 def plan_rewind(
     settings: Settings,
     client: AdminClient,
@@ -348,7 +332,7 @@ def plan_rewind(
     Reads only; changes nothing.
     """
     tps = stage_partitions(settings, stage_id, partition)
-    _check_topics(client, dict.fromkeys(t for t, _ in tps), timeout)
+    require_topics(client, dict.fromkeys(t for t, _ in tps), timeout)
     group = settings.group_id(stage_id)
     committed = committed_offsets(client, group, tps, timeout)
     reader = PartitionReader(settings, timeout)
@@ -377,7 +361,7 @@ def plan_rewind(
                 plans.append(PartitionPlan(*tp, current, offset, low, high, target.kind, note))
         return plans
     except KafkaException as exc:
-        raise _broker_error(f"cannot read the partitions of stage {stage_id}", exc) from None
+        raise broker_error(f"cannot read the partitions of stage {stage_id}", exc) from None
     finally:
         reader.close()
 
@@ -392,7 +376,7 @@ def group_state(client: AdminClient, group_id: str, timeout: float = 10.0) -> tu
         err = exc.args[0] if exc.args else None
         if isinstance(err, KafkaError) and err.code() == KafkaError.GROUP_ID_NOT_FOUND:
             return "DEAD", 0
-        raise _broker_error(f"cannot describe consumer group {group_id}", exc) from None
+        raise broker_error(f"cannot describe consumer group {group_id}", exc) from None
     state = description.state
     name = state.name if isinstance(state, ConsumerGroupState) else str(state)
     return name, len(description.members or [])
@@ -422,7 +406,7 @@ def apply_plan(
             group_id
         ].result()
     except KafkaException as exc:
-        raise _broker_error(f"cannot alter the offsets of group {group_id}", exc) from None
+        raise broker_error(f"cannot alter the offsets of group {group_id}", exc) from None
     refused = [tp for tp in answer.topic_partitions if tp.error is not None]
     if refused:
         tp = refused[0]

@@ -63,15 +63,15 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, KafkaError, KafkaException, TopicPartition
-from confluent_kafka.admin import AdminClient
 
 from dlq import retry
 from dlq.store import iso, iter_dead_letters, summarize
 from pipeline.errors import BrokerError
-from pipeline.kafka import admin, client_config, consumer, high_watermarks
+from pipeline.kafka import admin, broker_error, client_config, consumer, high_watermarks
 from pipeline.lag import committed_offsets, partitions_of
 from pipeline.rewind import group_state, is_live
 from pipeline.settings import STAGE_IDS, Settings
+from pipeline.topics import require_topics
 
 TP = tuple[str, int]
 Verdict = Literal["ok", "idle", "behind", "stalled", "down"]
@@ -307,23 +307,6 @@ def partition_rows(statuses: Sequence[StageStatus]) -> list[list[Any]]:
 # ------------------------------------------------------------------ broker side
 
 
-def _broker_error(what: str, exc: KafkaException) -> BrokerError:
-    err = exc.args[0] if exc.args else exc
-    text = err.str() if isinstance(err, KafkaError) else str(err)
-    return BrokerError(f"{what}: {text}; check KAFKA_BOOTSTRAP_SERVERS and that the broker is up")
-
-
-def _check_topics(client: AdminClient, topics: Iterable[str]) -> None:
-    try:
-        metadata = client.list_topics(timeout=_READ_TIMEOUT)
-    except KafkaException as exc:
-        raise _broker_error("cannot read topic metadata", exc) from None
-    for topic in topics:
-        info = metadata.topics.get(topic)
-        if info is None or info.error is not None:
-            raise BrokerError(f"topic {topic} does not exist; run `pipeline topics create`")
-
-
 def _records_at(settings: Settings, wanted: Mapping[TP, int]) -> dict[TP, Any]:
     """The first record at or after the given offset of each partition (None if
     there is none), read with assign by a consumer that never commits."""
@@ -416,7 +399,7 @@ def collect(settings: Settings, sample_s: float = DEFAULT_SAMPLE_S) -> list[Stag
         s: partitions_of(settings, [*spec.inputs, *([spec.retry.topic] if spec.retry else [])])
         for s, spec in specs.items()
     }
-    _check_topics(
+    require_topics(
         client,
         dict.fromkeys(
             t
@@ -475,4 +458,4 @@ def collect(settings: Settings, sample_s: float = DEFAULT_SAMPLE_S) -> list[Stag
             )
         return statuses
     except KafkaException as exc:
-        raise _broker_error("cannot read the pipeline's status", exc) from None
+        raise broker_error("cannot read the pipeline's status", exc) from None

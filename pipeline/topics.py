@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from confluent_kafka import KafkaError, KafkaException
@@ -9,6 +10,7 @@ from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 
 from pipeline.errors import BrokerError, ConfigError
+from pipeline.kafka import broker_error
 from pipeline.settings import Settings
 
 
@@ -93,3 +95,15 @@ def check_topics(statuses: list[TopicStatus]) -> None:
             f"topic {first.name} has {first.actual_partitions} partitions, pipeline.yaml says "
             f"{first.partitions}; fix pipeline.yaml or recreate the topic"
         )
+
+
+def require_topics(client: AdminClient, topics: Iterable[str], timeout: float = 10.0) -> None:
+    """Raise ConfigError (naming the fix) unless every topic exists."""
+    try:
+        metadata = client.list_topics(timeout=timeout)
+    except KafkaException as exc:
+        raise broker_error("cannot read topic metadata", exc) from None
+    for topic in topics:
+        info = metadata.topics.get(topic)
+        if info is None or info.error is not None:
+            raise ConfigError(f"topic {topic} does not exist; run `pipeline topics create`")
