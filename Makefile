@@ -1,10 +1,12 @@
 # The two commands: `make demo` and `make test`. Both install into .venv first.
+# `make bench` (bench/run.py) also installs the bench-only dependencies.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
+BENCH_STAMP := $(VENV)/.bench-installed-stamp
 
-.PHONY: install demo test test-unit test-integration test-helm lint fmt clean
+.PHONY: install demo test test-unit test-integration test-helm test-reliability lint fmt clean bench
 
 install: $(STAMP)
 
@@ -15,11 +17,26 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
+# Benchmarks: bench-only dependencies (quixstreams, psutil) on top of dev.
+$(BENCH_STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "Python 3.11 is required (set PYTHON=...)")'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e ".[dev,bench]"
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
 demo: install
 	$(BIN)/pipeline demo $(DEMO_ARGS)
 
 test: install
-	$(BIN)/pytest
+	$(BIN)/pytest --ignore=tests/reliability
+
+# Crash, restart and bad-input scenarios (several minutes); CI runs them too.
+test-reliability: install
+	$(BIN)/pytest tests/reliability
 
 test-unit: install
 	$(BIN)/pytest tests/unit

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import signal
 import subprocess
@@ -24,9 +25,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from pipeline.broker import free_port
 from pipeline.kafka import admin, producer, read_topic
 from pipeline.settings import Settings, load_settings
-from pipeline.simulator import SimRecord
+from pipeline.simulator import SimRecord, generate
 from pipeline.topics import create_topics
-from stages.enrich import Device
+from stages.enrich import Device, read_registry_csv
 
 REPO = Path(__file__).resolve().parents[2]
 _counter = itertools.count()
@@ -324,3 +325,57 @@ def expected_windows(
             "site": devices[key[0]].site,
         }
     return out
+
+
+# -- readings and the windows they must give ------------------------------------
+
+REGISTRY = read_registry_csv((REPO / "config" / "devices.csv").read_text())
+DEVICES = {d.device_id: d for d in REGISTRY}
+WINDOW_MS = 5000
+
+
+def sent_records(n: int, seed: int, devices: int = 20, bad_ratio: float = 0.01) -> list[SimRecord]:
+    start = int(time.time() * 1000) - 3_600_000
+    return list(
+        generate(
+            devices,
+            n,
+            start_ms=start,
+            interval_ms=1000,
+            bad_ratio=bad_ratio,
+            dup_ratio=0.01,
+            disorder_ratio=0.05,
+            seed=seed,
+        )
+    )
+
+
+def assert_windows_match(records: list[SimRecord], got: list[dict]) -> None:
+    expected = expected_windows(records, DEVICES, WINDOW_MS)
+    by_key: dict = {}
+    for w in got:
+        key = (w["device_id"], w["metric"], w["window_start"])
+        if key in by_key:  # a window re-emitted after a restart must be identical
+            assert by_key[key] == w, f"window {key} emitted twice with different values"
+        by_key[key] = w
+    assert set(by_key) == set(expected)
+    for key, want in expected.items():
+        w = by_key[key]
+        assert w["window_end"] - w["window_start"] == WINDOW_MS
+        for name in ("count", "min", "max", "first_ts", "last_ts", "site"):
+            assert w[name] == want[name], (key, name, w[name], want[name])
+        assert math.isclose(w["mean"], want["mean"], rel_tol=1e-9), key
+
+
+def wait_for_all_readings(pipe: Pipeline, good: int, timeout: float = 150) -> list[dict]:
+    got: list[dict] = []
+
+    def done() -> bool:
+        nonlocal got
+        pipe.check_alive()
+        got = aggregates(pipe.settings)
+        unique = {(w["device_id"], w["metric"], w["window_start"]): w["count"] for w in got}
+        return sum(unique.values()) >= good
+
+    wait_for(done, timeout, f"{good} readings in windows", pipe.logs)
+    return got

@@ -11,9 +11,9 @@ from confluent_kafka import Message
 from pipeline import contract
 from pipeline.kafka import admin, producer, read_topic
 from pipeline.lag import committed_offsets
-from stages.enrich import Device, read_registry_csv
+from stages.enrich import Device
 from tests.integration.harness import (
-    REPO,
+    REGISTRY,
     Pipeline,
     aggregates,
     dead_letters,
@@ -22,8 +22,6 @@ from tests.integration.harness import (
     wait_for,
 )
 from tests.integration.test_topics_cli import run_cli
-
-REGISTRY = read_registry_csv((REPO / "config" / "devices.csv").read_text())
 
 
 def parsed(device: str, ts: int, seq: int, value: float = 20.0) -> tuple[bytes, bytes, list]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections import Counter
 
@@ -13,71 +12,21 @@ from pipeline.kafka import admin, read_topic
 from pipeline.lag import group_lag
 from pipeline.lineage import trace_many
 from pipeline.rewind import group_state, is_live
-from pipeline.simulator import SimRecord, generate
-from stages.enrich import read_registry_csv
+from pipeline.simulator import SimRecord
 from tests.integration.harness import (
-    REPO,
+    REGISTRY,
     Pipeline,
     aggregates,
+    assert_windows_match,
     dead_letters,
-    expected_windows,
     isolated_config,
     produce,
     publish_devices,
+    sent_records,
     wait_for,
+    wait_for_all_readings,
 )
 from tests.integration.test_topics_cli import run_cli
-
-REGISTRY = read_registry_csv((REPO / "config" / "devices.csv").read_text())
-DEVICES = {d.device_id: d for d in REGISTRY}
-WINDOW_MS = 5000
-
-
-def sent_records(n: int, seed: int, devices: int = 20, bad_ratio: float = 0.01) -> list[SimRecord]:
-    start = int(time.time() * 1000) - 3_600_000
-    return list(
-        generate(
-            devices,
-            n,
-            start_ms=start,
-            interval_ms=1000,
-            bad_ratio=bad_ratio,
-            dup_ratio=0.01,
-            disorder_ratio=0.05,
-            seed=seed,
-        )
-    )
-
-
-def assert_windows_match(records: list[SimRecord], got: list[dict]) -> None:
-    expected = expected_windows(records, DEVICES, WINDOW_MS)
-    by_key: dict = {}
-    for w in got:
-        key = (w["device_id"], w["metric"], w["window_start"])
-        if key in by_key:  # a window re-emitted after a restart must be identical
-            assert by_key[key] == w, f"window {key} emitted twice with different values"
-        by_key[key] = w
-    assert set(by_key) == set(expected)
-    for key, want in expected.items():
-        w = by_key[key]
-        assert w["window_end"] - w["window_start"] == WINDOW_MS
-        for field in ("count", "min", "max", "first_ts", "last_ts", "site"):
-            assert w[field] == want[field], (key, field, w[field], want[field])
-        assert math.isclose(w["mean"], want["mean"], rel_tol=1e-9), key
-
-
-def wait_for_all_readings(pipe: Pipeline, good: int, timeout: float = 150) -> list[dict]:
-    got: list[dict] = []
-
-    def done() -> bool:
-        nonlocal got
-        pipe.check_alive()
-        got = aggregates(pipe.settings)
-        unique = {(w["device_id"], w["metric"], w["window_start"]): w["count"] for w in got}
-        return sum(unique.values()) >= good
-
-    wait_for(done, timeout, f"{good} readings in windows", pipe.logs)
-    return got
 
 
 def test_four_stage_pipeline_counts_every_good_reading_once(broker, tmp_path):

@@ -1,0 +1,118 @@
+"""Pieces shared by the benchmark driver (``run.py``) and its comparison paths (``paths.py``).
+
+* :func:`transform` is the parse-like work every comparison path does per record:
+  orjson decode, validate a reading, encode the normalised reading;
+* :func:`emit` writes one JSON event line to stdout (``first``, ``done`` …), which
+  the driver reads to know when a path started consuming;
+* :func:`process_cpu_s` and :func:`peak_rss_mb` read a process's CPU time and peak
+  resident memory (psutil when installed, ``/proc`` otherwise).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Any
+
+import orjson
+
+try:  # a bench-only dependency; /proc is the fallback
+    import psutil
+except ImportError:  # pragma: no cover - depends on the environment
+    psutil = None
+
+
+def transform(value: bytes | None) -> bytes | None:
+    """A parse-like transform: the normalised reading, or None for a bad record."""
+    if not value:
+        return None
+    try:
+        doc = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(doc, dict):
+        return None
+    device_id = doc.get("device_id")
+    metric = doc.get("metric")
+    ts = doc.get("ts")
+    seq = doc.get("seq")
+    number = doc.get("value")
+    unit = doc.get("unit") or ""
+    if (
+        not isinstance(device_id, str)
+        or not device_id
+        or not isinstance(metric, str)
+        or not metric
+        or type(ts) is not int
+        or type(seq) is not int
+        or seq < 0
+        or type(number) not in (int, float)
+        or not math.isfinite(number)
+        or not isinstance(unit, str)
+    ):
+        return None
+    return orjson.dumps(
+        {
+            "device_id": device_id,
+            "ts": ts,
+            "seq": seq,
+            "metric": metric,
+            "value": float(number),
+            "unit": unit,
+        }
+    )
+
+
+def emit(event: str, **fields: Any) -> None:
+    """One event line for the driver: ``{"event": ..., "t": wall clock, ...}``."""
+    line = json.dumps({"event": event, "t": time.time(), **fields})
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def process_cpu_s(pid: int | None = None) -> float | None:
+    """User + system CPU seconds of a process (this one by default), or None if gone."""
+    pid = os.getpid() if pid is None else pid
+    try:
+        if psutil is not None:
+            t = psutil.Process(pid).cpu_times()
+            return float(t.user + t.system)
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        ticks = os.sysconf("SC_CLK_TCK")
+        return (int(fields[11]) + int(fields[12])) / ticks
+    except (OSError, ValueError, IndexError):
+        return None
+    except Exception:  # psutil.NoSuchProcess and friends
+        return None
+
+
+def _proc_status_kb(pid: int, field: str) -> float | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return float(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def rss_mb(pid: int) -> float | None:
+    """Current resident set size in MiB, or None if the process is gone."""
+    if psutil is not None:
+        try:
+            return float(psutil.Process(pid).memory_info().rss) / 2**20
+        except Exception:
+            return None
+    kb = _proc_status_kb(pid, "VmRSS")
+    return None if kb is None else kb / 1024
+
+
+def peak_rss_mb(pid: int) -> float | None:
+    """Peak resident set size (VmHWM) in MiB since the process started."""
+    kb = _proc_status_kb(pid, "VmHWM")
+    return None if kb is None else kb / 1024
