@@ -128,10 +128,12 @@ class BatchConsumer(faust_aiokafka.Consumer):
         """aiokafka's fetch position of an assigned partition (None if not known)."""
         try:
             assignment = self._thread._ensure_consumer()._subscription.subscription.assignment
-            position = assignment.state_value(tp).position
+            state = assignment.state_value(tp)
         except (AttributeError, KeyError):  # not assigned (any more), or no subscription
             return None
-        return None if position is None else int(position)
+        if state is None or not state.has_valid_position:  # just assigned, not reset yet
+            return None
+        return int(state.position)
 
     async def _contiguous(self, tp: TP, records: Sequence[Any]) -> Sequence[Any]:
         """The part of ``records`` that continues exactly where the agent left off.

@@ -101,3 +101,55 @@ def test_every_stage_restarted_under_load_loses_nothing(broker, tmp_path, sig):
         print(json.dumps(figures))
     finally:
         pipe.stop_all()
+
+
+def test_a_stage_scaled_up_and_down_under_load_loses_nothing(broker, tmp_path):
+    """R2: parse goes 1 → 2 → 1 workers while readings flow (two rebalances)."""
+    config, settings = isolated_config(tmp_path, broker.bootstrap)
+    publish_devices(settings, REGISTRY)
+    pipe = Pipeline(config, settings, tmp_path)
+    pipe.start_all()
+    records = sent_records(5000, seed=32, devices=50, bad_ratio=0.0)
+    errors: list[str] = []
+    feeder = threading.Thread(
+        target=_produce_steadily,
+        args=(settings, settings.stages["ingest"].inputs[0], records, 100, 0.25, errors),
+    )
+    feeder.start()
+    try:
+        first = pipe.workers["parse"][0]
+        wait_for(
+            lambda: first.counter("pipeline_records_consumed_total") > 0,
+            90,
+            "parse to be processing",
+            pipe.logs,
+        )
+        second = pipe.start("parse")
+        wait_for(
+            lambda: (
+                second.counter("pipeline_assigned_partitions") > 0
+                and first.counter("pipeline_assigned_partitions") < 4
+            ),
+            90,
+            "the second parse worker to take partitions",
+            pipe.logs,
+        )
+        time.sleep(2)
+        assert second.stop(signal.SIGTERM) == 0, second.log_tail()
+        wait_for(
+            lambda: first.counter("pipeline_assigned_partitions") == 4,
+            90,
+            "the first parse worker to take all partitions back",
+            pipe.logs,
+        )
+        feeder.join()
+        assert not errors, errors
+        good = sum(r.kind == "good" for r in records)
+        got = wait_for_all_readings(pipe, good, timeout=240)
+        assert_windows_match(records, got)
+        assert not dead_letters(settings, "aggregate")
+        unique = {(w["device_id"], w["metric"], w["window_start"]): w["count"] for w in got}
+        lost = good - sum(unique.values())
+        print(json.dumps({"scenario": "R2 parse 1→2→1", "good_readings": good, "lost": lost}))
+    finally:
+        pipe.stop_all()
