@@ -72,6 +72,26 @@ def broker_error(what: str, exc: KafkaException) -> BrokerError:
     return BrokerError(f"{what}: {text}; check KAFKA_BOOTSTRAP_SERVERS and that the broker is up")
 
 
+def wait_for_broker(settings: Settings, timeout: float) -> None:
+    """Return once the configured cluster answers a metadata request (with the
+    project's security settings); BrokerError after ``timeout`` seconds."""
+    client = AdminClient({**client_config(settings), "socket.timeout.ms": 2000})
+    deadline = time.monotonic() + timeout
+    last = "no answer"
+    while True:
+        try:
+            client.list_topics(timeout=min(2.0, max(0.1, deadline - time.monotonic())))
+            return
+        except KafkaException as exc:
+            last = exc.args[0].str() if exc.args else str(exc)
+        if time.monotonic() >= deadline:
+            raise BrokerError(
+                f"no Kafka broker answered at {bootstrap(settings)} within {timeout:.0f}s "
+                f"({last}); check KAFKA_BOOTSTRAP_SERVERS and the security settings"
+            )
+        time.sleep(0.5)
+
+
 def admin(settings: Settings) -> AdminClient:
     return AdminClient(client_config(settings))
 

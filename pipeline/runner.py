@@ -33,7 +33,7 @@ from pipeline import diagnostics, health, metrics
 from pipeline.bindings import AggregateBinding, Binding, StageStopped, make_binding, to_in_record
 from pipeline.faust_fixes import apply_faust_fixes
 from pipeline.health import HEALTH
-from pipeline.kafka import bootstrap, client_config
+from pipeline.kafka import bootstrap, client_config, wait_for_broker
 from pipeline.openlineage import StageLineage
 from pipeline.settings import Settings
 from pipeline.transport import BatchTransport
@@ -276,9 +276,7 @@ def run_stage(settings: Settings, stage_id: str) -> None:
     SIGQUIT logs a state dump (:mod:`pipeline.diagnostics`); SIGUSR1 makes mode log
     every thread's and task's stack.
     """
-    app, binding = build_app(settings, stage_id)
-    diagnostics.install(app)
-    if settings.metrics_port is not None:
+    if settings.metrics_port is not None:  # first, so probes answer while it connects
         port = health.serve(settings.metrics_host, settings.metrics_port)
         log.info(
             "stage %s: /metrics, /healthz, /readyz on http://%s:%d",
@@ -286,6 +284,9 @@ def run_stage(settings: Settings, stage_id: str) -> None:
             settings.metrics_host,
             port,
         )
+    wait_for_broker(settings, settings.runner.connect_timeout_s)
+    app, binding = build_app(settings, stage_id)
+    diagnostics.install(app)
     worker = faust.Worker(
         app, loglevel=settings.log_level.upper(), quiet=True, redirect_stdouts=False
     )

@@ -136,6 +136,8 @@ class RunnerSettings(_Frozen):
     liveness_timeout_s: float = Field(default=60.0, gt=0)
     #: how often a worker samples its consumer lag for the lag gauge
     lag_interval_s: float = Field(default=5.0, gt=0)
+    #: how long a starting worker waits for the broker before exiting (code 3)
+    connect_timeout_s: float = Field(default=60.0, gt=0)
 
 
 class OpenLineageSettings(_Frozen):

@@ -94,3 +94,17 @@ def test_reading_commands_on_an_unreachable_broker_exit_3_with_one_line():
     assert result.exit_code == 3
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "is the broker at KAFKA_BOOTSTRAP_SERVERS up?" in lines[0]
+
+
+def test_a_worker_without_a_broker_exits_3_after_its_connect_timeout():
+    from pipeline.broker import free_port
+
+    env = {
+        **os.environ,
+        "KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{free_port()}",
+        "PIPELINE_RUNNER__CONNECT_TIMEOUT_S": "2",
+    }
+    proc = run_pipeline(["run", "parse"], env, timeout=60)
+    assert proc.returncode == 3, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: no Kafka broker answered at"), lines
