@@ -24,7 +24,7 @@ import tempfile
 import time
 from typing import Any
 
-from benchlib import emit, process_cpu_s, transform
+from benchlib import emit, peak_rss_mb, process_cpu_s, transform
 
 BATCH = 2000
 
@@ -85,7 +85,13 @@ def run_raw(args: argparse.Namespace) -> None:
             raise SystemExit("raw: outputs not acknowledged within 60 s")
         consumer.commit(asynchronous=True)
     consumer.commit(asynchronous=False)
-    emit("done", processed=processed, produced=produced, cpu_s=process_cpu_s())
+    emit(
+        "done",
+        processed=processed,
+        produced=produced,
+        cpu_s=process_cpu_s(),
+        peak_rss_mb=peak_rss_mb(os.getpid()),
+    )
     consumer.close()
 
 
@@ -100,7 +106,12 @@ def run_quix(args: argparse.Namespace) -> None:
         if processed[0] == 1:
             emit("first")
         if processed[0] >= args.records:
-            emit("done", processed=processed[0], cpu_s=process_cpu_s())
+            emit(
+                "done",
+                processed=processed[0],
+                cpu_s=process_cpu_s(),
+                peak_rss_mb=peak_rss_mb(os.getpid()),
+            )
             app.stop()
 
     app = Application(
@@ -157,7 +168,12 @@ def run_naive(args: argparse.Namespace) -> None:
             if processed == 1:
                 emit("first")
             if processed == target:
-                emit("done", processed=processed, cpu_s=process_cpu_s())
+                emit(
+                    "done",
+                    processed=processed,
+                    cpu_s=process_cpu_s(),
+                    peak_rss_mb=peak_rss_mb(os.getpid()),
+                )
 
     emit("ready")
     worker = faust.Worker(app, loglevel="WARNING", quiet=True, redirect_stdouts=False)

@@ -526,6 +526,12 @@ class Context:
     naive_records: int = 0
     results: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def tmpdir(self) -> Path:
+        path = self.workdir / "tmp"
+        path.mkdir(exist_ok=True)
+        return path
+
     def timeout_for(self, records: int, slowest_rate: float) -> float:
         return 90.0 + records / slowest_rate
 
@@ -558,7 +564,7 @@ def run_path(ctx: Context, name: str, path: str, source: str, records: int) -> d
         "--records",
         str(total),
     ]
-    env = {**os.environ, "PYTHONPATH": str(BENCH)}
+    env = {**os.environ, "PYTHONPATH": str(BENCH), "TMPDIR": str(ctx.tmpdir)}
     child = Child(name, cmd, env, ctx.workdir / f"{name}.log", events=True)
     try:
         wait_until(
@@ -571,14 +577,17 @@ def run_path(ctx: Context, name: str, path: str, source: str, records: int) -> d
         timeout = ctx.timeout_for(total, 500.0 if path == "naive" else 3000.0)
         t_end = wait_until(watch.done, timeout, f"{name}'s commits to reach the end", 0.1, [child])
         cpu1, bcpu1 = cpu_of(child.pid), cpu_of(ctx.broker_pid)
-        peak = peak_rss_mb(child.pid)
+        with contextlib.suppress(BenchError):  # its own account, printed after the commit
+            wait_until(lambda: "done" in child.events, 10, f"{name}'s done line", 0.05)
         done = child.events.get("done", {})
+        peak = peak_rss_mb(child.pid) or done.get("peak_rss_mb")
         profile = profiler.stop() if profiler else None
     finally:
         child.stop()
     return {
         **({"profile": profile} if profile else {}),
         "records": total,
+        "output_records": sum(plain_ends(ctx.settings, out_topic, 4).values()),
         "seconds": t_end - t0,
         "records_per_s": rate(total, t_end - t0),
         "processed_records_per_s": rate(total, done["t"] - t0) if "t" in done else None,
@@ -598,6 +607,7 @@ def worker_env(ctx: Context, config: Path, port: int, extra: dict[str, str]) -> 
         "PIPELINE_RUNNER__SESSION_TIMEOUT_S": "6",
         "PIPELINE_LOG_LEVEL": "warning",
         "PIPELINE_OPENLINEAGE__TRANSPORT": "none",
+        "TMPDIR": str(ctx.tmpdir),  # Faust's datadir: removed with the workdir
         **extra,
     }
 
@@ -622,6 +632,7 @@ def run_stage_alone(ctx: Context, stage: str) -> dict[str, Any]:
     total = sum(ends.values())
     if total == 0:
         raise BenchError(f"stage {stage}: its input {list(spec.inputs)} is empty")
+    outputs_before = sum(topic_ends(settings, [spec.output]).values())
     child, port = start_worker(ctx, stage, ctx.config_path, f"stage-{stage}")
     try:
         first: list[float] = []
@@ -655,6 +666,7 @@ def run_stage_alone(ctx: Context, stage: str) -> dict[str, Any]:
     return {
         **({"profile": profile} if profile else {}),
         "records": total,
+        "output_records": sum(topic_ends(settings, [spec.output]).values()) - outputs_before,
         "seconds": t_end - t0,
         "records_per_s": rate(counted, t_end - t0),
         "processed_records_per_s": (rate(counted, processed_at[0] - t0) if processed_at else None),
@@ -965,10 +977,15 @@ def markdown(results: dict[str, Any]) -> str:
         f"librdkafka {env['librdkafka']}, commit {env['git_commit']}; "
         f"{results['records']:,} records ({results['record_bytes']['value']:.0f}-byte JSON "
         f"values + {results['record_bytes']['headers']:.0f} bytes of headers), "
-        f"naive Faust on the first {results['naive_records']:,}. One run, one broker.",
+        f"naive Faust on the first {results['naive_records']:,}. One run, one broker; "
+        f"load average {fmt(env['loadavg_start'][0], 1)} at the start, "
+        f"{fmt(env.get('loadavg_end', [None])[0], 1)} at the end. records/s: until the "
+        "group's committed offsets reach the end of the input (commit interval 1 s); "
+        "CPU: the process's user+system time (all its threads) per record.",
         "",
-        "| path | records/s | to last record processed | CPU µs/record | broker CPU µs/record |",
-        "|---|---:|---:|---:|---:|",
+        "| path | records/s | to last record processed | CPU µs/record | broker CPU µs/record "
+        "| peak RSS MB |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     names = {
         "raw": "raw confluent-kafka loop (ceiling)",
@@ -980,9 +997,9 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append(
             f"| {label} | {fmt(p.get('records_per_s'))} | {fmt(p.get('processed_records_per_s'))} "
             f"| {fmt(p.get('cpu_us_per_record'), 1)} "
-            f"| {fmt(p.get('broker_cpu_us_per_record'), 1)} |"
+            f"| {fmt(p.get('broker_cpu_us_per_record'), 1)} | {fmt(p.get('peak_rss_mb'))} |"
             if "error" not in p
-            else f"| {label} | failed: {p['error'].splitlines()[0]} | | | |"
+            else f"| {label} | failed: {p['error'].splitlines()[0]} | | | | |"
         )
     for stage in STAGE_IDS:
         s = stages.get(stage, {})
@@ -990,9 +1007,9 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append(
             f"| {label} | {fmt(s.get('records_per_s'))} | {fmt(s.get('processed_records_per_s'))} "
             f"| {fmt(s.get('cpu_us_per_record'), 1)} "
-            f"| {fmt(s.get('broker_cpu_us_per_record'), 1)} |"
+            f"| {fmt(s.get('broker_cpu_us_per_record'), 1)} | {fmt(s.get('peak_rss_mb'))} |"
             if "error" not in s
-            else f"| {label} | failed: {s['error'].splitlines()[0]} | | | |"
+            else f"| {label} | failed: {s['error'].splitlines()[0]} | | | | |"
         )
     ours = results.get("parse_records_per_s")
     lines += [
