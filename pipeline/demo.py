@@ -111,6 +111,7 @@ def _start_workers(
             "PIPELINE_AGGREGATE__ALLOWED_LATENESS_S": str(min(2, window_s)),
             "PIPELINE_AGGREGATE__IDLE_TIMEOUT_S": "2",
             "PIPELINE_RUNNER__SESSION_TIMEOUT_S": "6",
+            "PIPELINE_RUNNER__FETCH_MAX_WAIT_MS": "100",
             # unknown devices: 3 quick attempts, so the demo's dead letters come soon
             "PIPELINE_STAGES__ENRICH__RETRY__MAX_ATTEMPTS": "3",
             "PIPELINE_STAGES__ENRICH__RETRY__BACKOFF_S": "0.5",

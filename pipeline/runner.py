@@ -50,6 +50,8 @@ class StageApp(faust.App):
     batch_topics: frozenset[str] = frozenset()
     #: the dead-letter budget stopped the stage: nothing more is processed or acked
     halted: bool = False
+    #: how long a Fetch may wait for data (pipeline.transport.BatchConsumerThread)
+    fetch_max_wait_ms: int | None = None
     #: OpenLineage run events of this worker (START, then COMPLETE or FAIL)
     run_events: StageLineage | None = None
     kafka_client_config: dict[str, Any] | None = None
@@ -88,6 +90,7 @@ def build_app(settings: Settings, stage_id: str) -> tuple[StageApp, Binding]:
         broker_credentials=faust_credentials(settings),
     )
     app.batch_topics = frozenset(spec.inputs)
+    app.fetch_max_wait_ms = runner.fetch_max_wait_ms
     app.kafka_client_config = client_config(settings)
     binding = make_binding(stage_id, settings, app)
     app.run_events = StageLineage(settings, stage_id)

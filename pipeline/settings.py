@@ -138,6 +138,8 @@ class RunnerSettings(_Frozen):
     lag_interval_s: float = Field(default=5.0, gt=0)
     #: how long a starting worker waits for the broker before exiting (code 3)
     connect_timeout_s: float = Field(default=60.0, gt=0)
+    #: how long a Fetch may wait for data (Kafka's default; Faust alone used 1500)
+    fetch_max_wait_ms: int = Field(default=500, ge=1, le=30_000)
 
 
 class OpenLineageSettings(_Frozen):
