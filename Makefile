@@ -4,7 +4,10 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
-BENCH_STAMP := $(VENV)/.bench-installed-stamp
+# The bench has a virtualenv of its own: quixstreams pins confluent-kafka < 2.13,
+# which must not leak into the venv that `make lint` and `make test` use.
+BENCH_VENV ?= .venv-bench
+BENCH_STAMP := $(BENCH_VENV)/.installed-stamp
 
 .PHONY: install demo test test-unit test-integration test-helm test-reliability lint fmt clean bench
 
@@ -20,13 +23,13 @@ $(STAMP): pyproject.toml
 # Benchmarks: bench-only dependencies (quixstreams, psutil, py-spy) on top of dev.
 $(BENCH_STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "Python 3.11 is required (set PYTHON=...)")'
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e ".[dev,bench]"
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install --quiet --upgrade pip
+	$(BENCH_VENV)/bin/pip install --quiet -e ".[dev,bench]"
 	touch $(BENCH_STAMP)
 
 bench: $(BENCH_STAMP)
-	$(BIN)/python bench/run.py $(BENCH_ARGS)
+	$(BENCH_VENV)/bin/python bench/run.py $(BENCH_ARGS)
 
 demo: install
 	$(BIN)/pipeline demo $(DEMO_ARGS)
@@ -53,4 +56,4 @@ lint: install
 	$(BIN)/mypy
 
 clean:
-	rm -rf $(VENV) demo-output .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(BENCH_VENV) demo-output .pytest_cache .mypy_cache .ruff_cache

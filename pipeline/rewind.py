@@ -313,7 +313,7 @@ class PartitionReader:
                 return high
             kind, ts = msg.timestamp()
             if kind != TIMESTAMP_NOT_AVAILABLE and ts >= target_ms:
-                return at
+                return int(at)
             if at + 1 >= high:
                 return high
         return high
