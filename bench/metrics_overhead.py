@@ -25,7 +25,7 @@ from pipeline.kafka import Delivered
 from pipeline.settings import load_settings
 from pipeline.simulator import generate
 from stages.ingest import IngestStage
-from stages.model import InRecord
+from stages.model import InRecord, StageResult
 from stages.parse import ParseStage
 
 BATCH = 2000
@@ -58,7 +58,7 @@ def main() -> None:
     def bare() -> None:
         stage.process(batch)
 
-    def with_metrics() -> None:
+    def with_metrics() -> StageResult:
         t0 = time.perf_counter()
         result = stage.process(batch)
         for dead in result.dead:
@@ -66,15 +66,10 @@ def main() -> None:
         metrics.batch_done(
             "parse", batch, "iot.parsed", len(result.outputs), 0, 0, time.perf_counter() - t0
         )
+        return result
 
     def with_lineage() -> None:
-        t0 = time.perf_counter()
-        result = stage.process(batch)
-        for dead in result.dead:
-            metrics.DLQ_RECORDS.labels("parse", str(dead.reason)).inc()
-        metrics.batch_done(
-            "parse", batch, "iot.parsed", len(result.outputs), 0, 0, time.perf_counter() - t0
-        )
+        result = with_metrics()
         delivered = [Delivered("iot.parsed", 0, i) for i in range(len(result.outputs))]
         delivered += [Delivered("iot.parse.dlq", 0, i) for i in range(len(result.dead))]
         lineage.hops("parse", "iot.lineage", batch, result, [], delivered, 0)

@@ -30,17 +30,11 @@ BATCH = 2000
 
 
 def producer_config(bootstrap: str) -> dict[str, Any]:
-    """The settings of the stages' producer (pipeline.kafka.producer)."""
-    return {
-        "bootstrap.servers": bootstrap,
-        "enable.idempotence": True,
-        "acks": "all",
-        "linger.ms": 5,
-        "batch.num.messages": 10000,
-        "compression.type": "lz4",
-        "partitioner": "murmur2_random",
-        "message.timeout.ms": 60000,
-    }
+    """The settings of the stages' producer (:func:`pipeline.kafka.producer_config`)."""
+    from pipeline.kafka import producer_config as stage_producer_config
+    from pipeline.settings import load_settings
+
+    return stage_producer_config(load_settings(kafka_bootstrap_servers=bootstrap))
 
 
 def run_raw(args: argparse.Namespace) -> None:

@@ -68,7 +68,7 @@ from pipeline.broker import BrokerHandle, free_port, start_embedded
 from pipeline.kafka import admin, client_config, high_watermarks, producer, read_topic
 from pipeline.lag import committed_offsets, group_lag
 from pipeline.registry import publish_registry
-from pipeline.settings import STAGE_IDS, Settings, load_settings
+from pipeline.settings import STAGE_IDS, Settings, load_settings, namespaced
 from pipeline.simulator import SimRecord, generate, metric_of
 from pipeline.topics import check_topics, create_topics
 from stages.enrich import read_registry_csv
@@ -204,19 +204,7 @@ def broker_pid() -> int | None:
 def isolated_config(workdir: Path, bootstrap: str, tag: str) -> tuple[Path, Settings]:
     """config/pipeline.yaml with topics and groups of its own (as the integration
     tests do), topics created."""
-    doc = yaml.safe_load((REPO / "config" / "pipeline.yaml").read_text())
-    rename = {name: f"{tag}.{name}" for name in doc["topics"]}
-    doc["topics"] = {rename[n]: spec for n, spec in doc["topics"].items()}
-    for spec in doc["stages"].values():
-        spec["inputs"] = [rename[t] for t in spec["inputs"]]
-        for key in ("output", "dlq", "registry_topic", "state_topic"):
-            if key in spec:
-                spec[key] = rename[spec[key]]
-        if "retry" in spec:
-            spec["retry"]["topic"] = rename[spec["retry"]["topic"]]
-    if doc.get("lineage_topic"):
-        doc["lineage_topic"] = rename[doc["lineage_topic"]]
-    doc["app_prefix"] = f"{tag}-pipeline"
+    doc = namespaced(yaml.safe_load((REPO / "config" / "pipeline.yaml").read_text()), tag)
     path = workdir / f"{tag}.yaml"
     path.write_text(yaml.safe_dump(doc))
     settings = load_settings(path, kafka_bootstrap_servers=bootstrap)

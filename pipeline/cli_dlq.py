@@ -18,16 +18,11 @@ import click
 
 from dlq import store
 from pipeline.cli_common import cell, clean, handle_errors, print_table, settings_from
-from pipeline.settings import Settings
 from pipeline.timeparse import parse_instant, to_ms
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 _MESSAGE_WIDTH = 60
-
-
-def _settings(ctx: click.Context) -> Settings:
-    return settings_from(ctx)
 
 
 def _short(text: str | None, width: int = _MESSAGE_WIDTH) -> str:
@@ -137,7 +132,7 @@ def dlq_list(
     """Dead letters of the chosen stages, oldest offset first."""
     chosen = store.parse_stages(stages)
     filters = store.make_filters(reasons, since, until, limit)
-    settings = _settings(ctx)
+    settings = settings_from(ctx)
     letters = store.read_dead_letters(settings, chosen, filters)
     if as_json:
         _echo_json([store.brief(d) for d in letters])
@@ -181,7 +176,7 @@ def dlq_summary(
     """Dead letters counted by stage and reason, with the oldest and newest failed-at."""
     chosen = store.parse_stages(stages)
     filters = store.make_filters(reasons, since, until)
-    settings = _settings(ctx)
+    settings = settings_from(ctx)
     letters = store.iter_dead_letters(settings, chosen)
     try:
         rows = store.summarize(filters.apply(letters))
@@ -235,7 +230,7 @@ def dlq_show(ctx: click.Context, ref: str, as_json: bool) -> None:
     REF is <stage>:<dlq partition>:<dlq offset>, as printed by `pipeline dlq list`.
     """
     where = store.parse_ref(ref)
-    settings = _settings(ctx)
+    settings = settings_from(ctx)
     letter = store.find(settings, where)
     key, value = store.preview(letter.key), store.preview(letter.value)
     if as_json:
@@ -322,7 +317,7 @@ def dlq_export(
     kind = store.export_format(out)
     chosen = store.parse_stages(stages)
     filters = store.make_filters(reasons, since, until, limit)
-    settings = _settings(ctx)
+    settings = settings_from(ctx)
     letters = store.iter_dead_letters(settings, chosen)
     try:
         count = store.export(filters.apply(letters), out)
@@ -379,7 +374,7 @@ def dlq_replay(
     """
     (chosen,) = store.parse_stages([stage])
     filters = store.make_filters(reasons, since, until, limit)
-    settings = _settings(ctx)
+    settings = settings_from(ctx)
     report = store.replay(
         settings, chosen, filters, max_replays=max_replays, dry_run=dry_run, rate=rate
     )
@@ -440,7 +435,7 @@ def dlq_purge(ctx: click.Context, stage: str, before: str, yes: bool, as_json: b
     """
     (chosen,) = store.parse_stages([stage])
     before_ms = to_ms(parse_instant(before, "--before"))
-    settings = _settings(ctx)
+    settings = settings_from(ctx)
     report = store.purge(settings, chosen, before_ms, dry_run=not yes)
     if as_json:
         _echo_json(report.as_json())

@@ -49,10 +49,6 @@ def _lineage(headers: Sequence[tuple[str, bytes | None]]) -> bytes | None:
     return None
 
 
-def _hop(lineage: bytes, doc: dict[str, Any], topic: str) -> Outgoing:
-    return (topic, lineage, orjson.dumps(doc), [], None)
-
-
 def hops(
     stage: str,
     topic: str,
@@ -71,62 +67,48 @@ def hops(
         return []
     in_topic, in_partition = records[0].topic, records[0].partition
     out: list[Outgoing] = []
-    n_out, n_retry = len(result.outputs), len(retries)
-    for record, where in zip(result.outputs, delivered[:n_out], strict=True):
-        lineage = _lineage(record.headers)
-        if lineage is None or record.source_offset is None:
-            continue  # aggregate results: their hops are the readings' ``counted``
+
+    def add(
+        lineage: bytes | None,
+        source: list[Any],
+        where: Delivered | None,
+        outcome: str,
+        **extra: Any,
+    ) -> None:
+        if lineage is None:
+            return
         doc = {
             "id": lineage.decode("ascii", "replace"),
             "stage": stage,
-            "in": [in_topic, in_partition, record.source_offset],
-            "out": [where.topic, where.partition, where.offset],
-            "outcome": PASSED,
+            "in": source,
+            "out": None if where is None else [where.topic, where.partition, where.offset],
+            "outcome": outcome,
+            **extra,
             "at": now_ms,
         }
-        out.append(_hop(lineage, doc, topic))
+        out.append((topic, lineage, orjson.dumps(doc), [], None))
+
+    n_out, n_retry = len(result.outputs), len(retries)
+    for record, where in zip(result.outputs, delivered[:n_out], strict=True):
+        if record.source_offset is not None:  # aggregate results: see ``counted``
+            add(
+                _lineage(record.headers),
+                [in_topic, in_partition, record.source_offset],
+                where,
+                PASSED,
+            )
     for (_, _, _, headers, _), where in zip(
         retries, delivered[n_out : n_out + n_retry], strict=True
     ):
-        lineage = _lineage(headers)
-        if lineage is None:
-            continue
         at = retry.origin(headers, in_topic, in_partition, -1, 0)
-        doc = {
-            "id": lineage.decode("ascii", "replace"),
-            "stage": stage,
-            "in": [at.topic, at.partition, at.offset],
-            "out": [where.topic, where.partition, where.offset],
-            "outcome": RETRY,
-            "reason": dict(headers).get(retry.REASON, b"").decode(),
-            "at": now_ms,
-        }
-        out.append(_hop(lineage, doc, topic))
+        reason = dict(headers).get(retry.REASON, b"").decode()
+        add(_lineage(headers), [at.topic, at.partition, at.offset], where, RETRY, reason=reason)
     for dead, where in zip(result.dead, delivered[n_out + n_retry :], strict=True):
-        lineage = _lineage(dead.headers)
-        if lineage is None:
-            continue
-        doc = {
-            "id": lineage.decode("ascii", "replace"),
-            "stage": stage,
-            "in": [dead.topic, dead.partition, dead.offset],
-            "out": [where.topic, where.partition, where.offset],
-            "outcome": DEAD_LETTER,
-            "reason": str(dead.reason),
-            "at": now_ms,
-        }
-        out.append(_hop(lineage, doc, topic))
+        source = [dead.topic, dead.partition, dead.offset]
+        add(_lineage(dead.headers), source, where, DEAD_LETTER, reason=str(dead.reason))
     for offset, lineage_id, window in getattr(result, "counted", ()):
-        doc = {
-            "id": lineage_id,
-            "stage": stage,
-            "in": [in_topic, in_partition, offset],
-            "out": None,
-            "outcome": COUNTED,
-            "window": list(window),
-            "at": now_ms,
-        }
-        out.append(_hop(lineage_id.encode(), doc, topic))
+        source = [in_topic, in_partition, offset]
+        add(lineage_id.encode(), source, None, COUNTED, window=list(window))
     return out
 
 

@@ -11,7 +11,9 @@ names the setting.
 
 from __future__ import annotations
 
+import copy
 import os
+from collections.abc import Mapping
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
@@ -284,6 +286,26 @@ class _YamlSource(PydanticBaseSettingsSource):
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path} must hold a mapping at the top level")
         return data
+
+
+def namespaced(doc: Mapping[str, Any], tag: str) -> dict[str, Any]:
+    """A copy of a pipeline.yaml document in which every topic (and every stage's
+    reference to it) and ``app_prefix`` start with ``tag.``: an isolated pipeline on
+    a shared broker, for tests and benchmarks."""
+    out = copy.deepcopy(dict(doc))
+    rename = {name: f"{tag}.{name}" for name in out["topics"]}
+    out["topics"] = {rename[n]: spec for n, spec in out["topics"].items()}
+    for spec in out["stages"].values():
+        spec["inputs"] = [rename[t] for t in spec["inputs"]]
+        for key in ("output", "dlq", "registry_topic", "state_topic"):
+            if key in spec:
+                spec[key] = rename[spec[key]]
+        if "retry" in spec:
+            spec["retry"]["topic"] = rename[spec["retry"]["topic"]]
+    if out.get("lineage_topic"):
+        out["lineage_topic"] = rename[out["lineage_topic"]]
+    out["app_prefix"] = f"{tag}-pipeline"
+    return out
 
 
 def default_config_path() -> Path:

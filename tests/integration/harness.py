@@ -24,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline.broker import free_port
 from pipeline.kafka import admin, producer, read_topic
-from pipeline.settings import Settings, load_settings
+from pipeline.settings import Settings, load_settings, namespaced
 from pipeline.simulator import SimRecord, generate
 from pipeline.topics import create_topics
 from stages.enrich import Device, read_registry_csv
@@ -60,25 +60,13 @@ def isolated_config(
     ``stages`` merges settings into stage specs, e.g. ``{"parse": {"dlq_budget": …}}``.
     """
     tag = f"t{os.getpid()}x{next(_counter)}"
-    doc = yaml.safe_load((REPO / "config" / "pipeline.yaml").read_text())
-    rename = {name: f"{tag}.{name}" for name in doc["topics"]}
-    doc["topics"] = {rename[n]: spec for n, spec in doc["topics"].items()}
+    doc = namespaced(yaml.safe_load((REPO / "config" / "pipeline.yaml").read_text()), tag)
     if partitions is not None:
         for spec in doc["topics"].values():
             if spec["partitions"] > 1:
                 spec["partitions"] = partitions
-    for spec in doc["stages"].values():
-        spec["inputs"] = [rename[t] for t in spec["inputs"]]
-        for key in ("output", "dlq", "registry_topic", "state_topic"):
-            if key in spec:
-                spec[key] = rename[spec[key]]
-        if "retry" in spec:
-            spec["retry"]["topic"] = rename[spec["retry"]["topic"]]
     for stage_id, extra in (stages or {}).items():
         doc["stages"][stage_id].update(extra)
-    if doc.get("lineage_topic"):
-        doc["lineage_topic"] = rename[doc["lineage_topic"]]
-    doc["app_prefix"] = f"{tag}-pipeline"
     path = tmp_path / f"{tag}.yaml"
     path.write_text(yaml.safe_dump(doc))
     env = {k: v for k, v in TEST_ENV.items()}
