@@ -15,6 +15,7 @@ from typing import Any
 
 import click
 
+from pipeline.cli_backfill import backfill
 from pipeline.cli_common import (
     EXIT_CONFIG,
     fail,
@@ -261,6 +262,7 @@ cli.add_command(replay)
 cli.add_command(dlq)
 cli.add_command(lineage_group)
 cli.add_command(status)
+cli.add_command(backfill)
 
 
 def main() -> None:

@@ -108,3 +108,18 @@ def with_headers(headers: Mapping[str, bytes], updates: Mapping[str, str | bytes
     for key, value in updates.items():
         merged[key] = value if isinstance(value, bytes) else value.encode()
     return list(merged.items())
+
+
+# -- backfill (pipeline.backfill) ---------------------------------------------------
+#: ``source`` of a backfilled record: ``backfill:<run-id>``
+SOURCE_BACKFILL_PREFIX = "backfill:"
+#: on a backfilled record: the run's chunk it was sent in
+H_BACKFILL_CHUNK = "backfill-chunk"
+#: a control record (no payload) the backfill controller sends to the aggregate's
+#: input at the end of a run; its ``source`` names the run
+H_CONTROL = "control"
+CONTROL_END_OF_INPUT = "end-of-input"
+
+
+def backfill_source(run_id: str) -> str:
+    return f"{SOURCE_BACKFILL_PREFIX}{run_id}"

@@ -94,6 +94,26 @@ RETRY_WAIT = Gauge(
     ["stage"],
     registry=REGISTRY,
 )
+BACKFILL_DEFERRED = Counter(
+    "pipeline_backfill_deferred_total",
+    "Backfill-lane batches held back because live input was waiting.",
+    ["stage"],
+    registry=REGISTRY,
+)
+#: the backfill controller's (pipeline.backfill, `backfill run --metrics-port`):
+#: ``stage`` is the run's entry stage, ``run`` the run id (one series set per run)
+BACKFILL_CHUNKS = Counter(
+    "pipeline_backfill_chunks_total",
+    "Backfill chunks produced and checkpointed (status=sent), or skipped on resume.",
+    ["stage", "run", "status"],
+    registry=REGISTRY,
+)
+BACKFILL_ROWS = Counter(
+    "pipeline_backfill_rows_total",
+    "Rows the backfill controller produced into its entry stage's topic.",
+    ["stage", "run"],
+    registry=REGISTRY,
+)
 
 
 def batch_done(

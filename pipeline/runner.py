@@ -149,6 +149,35 @@ def build_app(settings: Settings, stage_id: str) -> tuple[StageApp, Binding]:
 
         app.agent(retry_topic, name=f"{stage_id}-retry-agent", concurrency=1)(batch_agent(when_due))
 
+    if spec.backfill_lane is not None:
+        lane_name = spec.backfill_lane
+        app.batch_topics = app.batch_topics | {lane_name}
+        lane_topic = app.topic(lane_name, key_serializer="raw", value_serializer="raw")
+        live_inputs = frozenset(spec.inputs)
+        enough = runner.batch_max_records
+
+        async def backfill(topic: str, partition: int, records: list[InRecord]) -> None:
+            """Backfill records go through the same binding, but live goes first:
+            while the live inputs have more than a batch waiting on the broker, the
+            lane partition is paused and this batch waits."""
+            tp = faust.types.TP(topic, partition)
+            paused = False
+            try:
+                while live_backlog(app, live_inputs) > enough and binding.stopped is None:
+                    if not paused:
+                        app.consumer.pause_partitions([tp])
+                        paused = True
+                        metrics.BACKFILL_DEFERRED.labels(stage_id).inc()
+                    await asyncio.sleep(0.05)
+            finally:
+                if paused:
+                    app.consumer.resume_partitions([tp])
+            await binding.handle(partition, records)
+
+        app.agent(lane_topic, name=f"{stage_id}-backfill-agent", concurrency=1)(
+            batch_agent(backfill)
+        )
+
     install_watchdogs(app, settings, stage_id)
 
     async def on_rebalance_complete(sender: Any, **_: Any) -> None:
@@ -175,6 +204,25 @@ def build_app(settings: Settings, stage_id: str) -> tuple[StageApp, Binding]:
 
         app.timer(interval=max(0.2, settings.aggregate.idle_timeout_s / 4))(idle_tick)
     return app, binding
+
+
+def live_backlog(app: StageApp, topics: frozenset[str]) -> int:
+    """Records of ``topics`` on the broker that this worker has not taken yet: the
+    high watermark of the last Fetch minus the next offset handed to the agent."""
+    consumer = app.consumer
+    handed: dict[Any, int] = getattr(consumer, "_expected", {})
+    total = 0
+    for tp in consumer.assignment():
+        if tp.topic not in topics:
+            continue
+        try:
+            high = consumer.highwater(tp)
+        except Exception:  # noqa: S112 (not fetched yet, or moving in a rebalance)
+            continue
+        nxt = handed.get(tp)
+        if high is not None and nxt is not None:
+            total += max(0, high - nxt)
+    return total
 
 
 def faust_credentials(settings: Settings) -> Any:

@@ -95,6 +95,9 @@ class StageSpec(_Frozen):
     state_topic: str | None = None
     retry: RetryPolicy | None = None
     dlq_budget: DlqBudget = DlqBudget()
+    #: the backfill lane this stage also consumes (pipeline.backfill): its own topic,
+    #: so a backfill never sits in front of live records; live inputs go first
+    backfill_lane: str | None = None
 
 
 class IngestSettings(_Frozen):
@@ -128,6 +131,23 @@ class AggregateSettings(_Frozen):
     #: so a re-delivered or replayed reading is a duplicate, not ``late``;
     #: default: one window length. Memory grows with it (ids of every emitted window).
     closed_retention_s: int | None = Field(default=None, ge=0)
+    #: allowed lateness inside one backfill run (its own watermark, its windows all
+    #: close at the run's end-of-input): a bounded batch can afford to wait longer
+    backfill_lateness_s: int = Field(default=3600, ge=0)
+
+
+class BackfillSettings(_Frozen):
+    """The orchestrated backfill controller (pipeline.backfill)."""
+
+    #: durable run state (one compacted topic, keyed by run id)
+    runs_topic: str | None = None
+    #: the stage a run enters by default: its ``backfill_lane`` topic
+    entry_stage: str = "parse"
+    chunk_size: int = Field(default=5000, ge=1, le=1_000_000)
+    #: rows per second the controller produces; 0: no limit
+    rate: float = Field(default=5000.0, ge=0)
+    #: the run FAILs when a stage on the way makes no progress for this long
+    stall_timeout_s: float = Field(default=300.0, gt=0)
 
 
 class RunnerSettings(_Frozen):
@@ -205,6 +225,7 @@ class Settings(BaseSettings):
     aggregate: AggregateSettings = AggregateSettings()
     runner: RunnerSettings = RunnerSettings()
     openlineage: OpenLineageSettings = OpenLineageSettings()
+    backfill: BackfillSettings = BackfillSettings()
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
@@ -222,6 +243,7 @@ class Settings(BaseSettings):
                 spec.registry_topic,
                 spec.state_topic,
                 spec.retry.topic if spec.retry else None,
+                spec.backfill_lane,
             ):
                 if topic is not None and topic not in self.topics:
                     raise ValueError(
@@ -229,6 +251,14 @@ class Settings(BaseSettings):
                     )
         if self.lineage_topic is not None and self.lineage_topic not in self.topics:
             raise ValueError(f"lineage_topic {self.lineage_topic!r} is not declared under 'topics'")
+        runs = self.backfill.runs_topic
+        if runs is not None and runs not in self.topics:
+            raise ValueError(f"backfill.runs_topic {runs!r} is not declared under 'topics'")
+        if self.backfill.entry_stage not in ("ingest", "parse"):
+            raise ValueError(
+                f"backfill.entry_stage {self.backfill.entry_stage!r}: "
+                "a run enters at ingest or parse"
+            )
         if self.stages["enrich"].registry_topic is None:
             raise ValueError("stage 'enrich' needs a 'registry_topic'")
         agg = self.stages["aggregate"]
@@ -297,13 +327,15 @@ def namespaced(doc: Mapping[str, Any], tag: str) -> dict[str, Any]:
     out["topics"] = {rename[n]: spec for n, spec in out["topics"].items()}
     for spec in out["stages"].values():
         spec["inputs"] = [rename[t] for t in spec["inputs"]]
-        for key in ("output", "dlq", "registry_topic", "state_topic"):
+        for key in ("output", "dlq", "registry_topic", "state_topic", "backfill_lane"):
             if key in spec:
                 spec[key] = rename[spec[key]]
         if "retry" in spec:
             spec["retry"]["topic"] = rename[spec["retry"]["topic"]]
     if out.get("lineage_topic"):
         out["lineage_topic"] = rename[out["lineage_topic"]]
+    if out.get("backfill", {}).get("runs_topic"):
+        out["backfill"]["runs_topic"] = rename[out["backfill"]["runs_topic"]]
     out["app_prefix"] = f"{tag}-pipeline"
     return out
 

@@ -107,3 +107,11 @@ def require_topics(client: AdminClient, topics: Iterable[str], timeout: float = 
         info = metadata.topics.get(topic)
         if info is None or info.error is not None:
             raise ConfigError(f"topic {topic} does not exist; run `pipeline topics create`")
+
+
+def existing_partitions(client: AdminClient, topic: str, timeout: float = 10.0) -> int:
+    """The partition count of ``topic`` as it exists; ConfigError if it does not."""
+    count = _existing(client, timeout).get(topic)
+    if count is None:
+        raise ConfigError(f"topic {topic} does not exist; check the name")
+    return count

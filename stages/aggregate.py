@@ -19,6 +19,16 @@ The runner calls ``tick`` only while every upstream stage is caught up
 (:class:`pipeline.lag.UpstreamQuiet`): a partition that is quiet because a stage
 before it is down must not close windows its backlog still belongs to.
 
+Backfill runs are *lanes*: a reading whose ``source`` header is
+``backfill:<run-id>`` goes to that run's own state (windows and watermark) in the
+partition, with ``aggregate.backfill_lateness_s`` of allowed lateness, so old data
+is neither late against the live watermark nor mixed into live windows; its
+windows are the same ``[start, start + window)`` computed by the same code. The
+controller ends a run with an end-of-input control record on every partition:
+the lane's remaining windows are emitted, its state is dropped, and the run is
+remembered as ended (a later reading of it is ``late``). Emitted backfill windows
+carry ``"source": "backfill:<run-id>"`` (value and header); live ones are unchanged.
+
 State changes are reported as ``writes``, (key, bytes or None = delete) in order, for the runner
 to write to a changelog; :meth:`AggregateStage.load` rebuilds a partition from it.
 """
@@ -112,8 +122,24 @@ class Window:
         return cls(**doc)
 
 
+LIVE = ""  # the live lane; a backfill lane is named by its source, backfill:<run-id>
+_BACKFILL = contract.SOURCE_BACKFILL_PREFIX.encode()
+_END_OF_INPUT = contract.CONTROL_END_OF_INPUT.encode()
+#: the watermark an ended lane reaches: every window closes and is forgotten
+END_OF_TIME = (1 << 62) - 1
+
+
+def lane_of(source: bytes | None) -> str:
+    """The lane of a record from its ``source`` header: LIVE, or ``backfill:<run-id>``."""
+    if source is not None and source.startswith(_BACKFILL):
+        return source.decode("utf-8", "replace")
+    return LIVE
+
+
 @dataclass(slots=True)
 class PartitionState:
+    lane: str = LIVE
+    lateness_ms: int = 0
     watermark: int | None = None
     last_input_at: float = 0.0
     idle_since: float | None = None  # when the current idle period began
@@ -121,14 +147,22 @@ class PartitionState:
     windows: dict[WindowKey, Window] = field(default_factory=dict)
     closing: list[tuple[int, WindowKey]] = field(default_factory=list)  # heap: (close at, key)
     evicting: list[tuple[int, WindowKey]] = field(default_factory=list)  # heap: (forget at, key)
+    # changed in the current batch, flushed by _flush_dirty
+    touched: set[WindowKey] = field(default_factory=set)
+    last_states: dict[WindowKey, bytes] = field(default_factory=dict)
+    new_watermark: bytes | None = None
 
 
-def window_state_key(partition: int, key: WindowKey) -> bytes:
-    return orjson.dumps(["w", partition, *key])
+def window_state_key(partition: int, key: WindowKey, lane: str = LIVE) -> bytes:
+    return orjson.dumps(["w", partition, *key, lane] if lane else ["w", partition, *key])
 
 
-def watermark_state_key(partition: int) -> bytes:
-    return orjson.dumps(["wm", partition])
+def watermark_state_key(partition: int, lane: str = LIVE) -> bytes:
+    return orjson.dumps(["wm", partition, lane] if lane else ["wm", partition])
+
+
+def ended_state_key(partition: int, lane: str) -> bytes:
+    return orjson.dumps(["end", partition, lane])
 
 
 @dataclass(slots=True)
@@ -136,10 +170,9 @@ class AggregateResult(StageResult):
     """``writes``: changelog writes (key, value; None deletes) to apply in this order."""
 
     writes: list[tuple[bytes, bytes | None]] = field(default_factory=list)
-    watermark: bytes | None = None
     windows_emitted: int = 0
-    touched: set[WindowKey] = field(default_factory=set)
-    last_states: dict[WindowKey, bytes] = field(default_factory=dict)
+    #: backfill lanes ended by this batch
+    lanes_ended: list[str] = field(default_factory=list)
     #: (input offset, lineage id, window) of every reading counted, for lineage hops
     counted: list[tuple[int, str, WindowKey]] = field(default_factory=list)
 
@@ -150,56 +183,129 @@ class AggregateStage:
         retention_s = settings.closed_retention_s
         self.retention_ms = self.window_ms if retention_s is None else retention_s * 1000
         self.lateness_ms = settings.allowed_lateness_s * 1000
+        self.backfill_lateness_ms = settings.backfill_lateness_s * 1000
         self.idle_timeout_s = settings.idle_timeout_s
         self._clock = clock
+        #: the live lane's state per partition
         self.partitions: dict[int, PartitionState] = {}
+        #: backfill lanes' state per (partition, lane)
+        self.lanes: dict[tuple[int, str], PartitionState] = {}
+        #: backfill lanes that have ended, per partition
+        self.ended: dict[int, set[str]] = {}
 
     # -- state -------------------------------------------------------------
+    def _new_state(self, lane: str) -> PartitionState:
+        lateness = self.backfill_lateness_ms if lane else self.lateness_ms
+        return PartitionState(lane=lane, lateness_ms=lateness, last_input_at=self._clock())
+
     def load(self, partition: int, items: Iterable[tuple[bytes, bytes]]) -> None:
-        """Rebuild a partition's state from changelog items (key, value)."""
-        state = PartitionState(last_input_at=self._clock())
+        """Rebuild a partition's state (every lane) from changelog items (key, value)."""
+        self.drop(partition)
+        live = self._new_state(LIVE)
+        lanes: dict[str, PartitionState] = {}
+        ended: set[str] = set()
         for raw_key, raw_value in items:
             key = orjson.loads(raw_key)
-            if key[0] == "wm" and key[1] == partition:
+            if key[1] != partition:
+                continue
+            kind = key[0]
+            if kind == "end":
+                ended.add(key[2])
+                continue
+            lane = key[-1] if (kind == "wm" and len(key) == 3) or len(key) == 6 else LIVE
+            state = live if not lane else lanes.setdefault(lane, self._new_state(lane))
+            if kind == "wm":
                 state.watermark = orjson.loads(raw_value)["watermark"]
-            elif key[0] == "w" and key[1] == partition:
+            elif kind == "w":
                 window = Window.from_state(raw_value)
                 wkey = (window.device_id, window.metric, window.start)
                 state.windows[wkey] = window
                 if window.closed:
-                    heapq.heappush(state.evicting, (self._forget_at(window), wkey))
+                    heapq.heappush(state.evicting, (self._forget_at(state, window), wkey))
                 else:
-                    heapq.heappush(state.closing, (window.end + self.lateness_ms, wkey))
-        self.partitions[partition] = state
+                    heapq.heappush(state.closing, (window.end + state.lateness_ms, wkey))
+        self.partitions[partition] = live
+        for lane, state in lanes.items():
+            if lane not in ended:
+                self.lanes[(partition, lane)] = state
+        self.ended[partition] = ended
 
-    def _forget_at(self, window: Window) -> int:
-        return window.end + self.lateness_ms + self.retention_ms
+    def _forget_at(self, state: PartitionState, window: Window) -> int:
+        return window.end + state.lateness_ms + self.retention_ms
 
     def drop(self, partition: int) -> None:
         self.partitions.pop(partition, None)
+        self.ended.pop(partition, None)
+        for key in [k for k in self.lanes if k[0] == partition]:
+            del self.lanes[key]
 
-    def _state(self, partition: int) -> PartitionState:
-        state = self.partitions.get(partition)
+    def _state(self, partition: int, lane: str = LIVE) -> PartitionState:
+        if not lane:
+            state = self.partitions.get(partition)
+            if state is None:
+                state = self.partitions[partition] = self._new_state(LIVE)
+            return state
+        state = self.lanes.get((partition, lane))
         if state is None:
-            state = self.partitions[partition] = PartitionState(last_input_at=self._clock())
+            state = self.lanes[(partition, lane)] = self._new_state(lane)
         return state
 
     # -- processing ----------------------------------------------------------
     def process(self, partition: int, records: Sequence[InRecord]) -> AggregateResult:
         result = AggregateResult()
-        state = self._state(partition)
+        live = self._state(partition)
         if records:
-            state.last_input_at = self._clock()
+            live.last_input_at = self._clock()
+        dirty: dict[str, PartitionState] = {LIVE: live}
+        ended = self.ended.setdefault(partition, set())
         for record in records:
+            headers = contract.header_map(record.headers)
+            lane = lane_of(headers.get(contract.H_SOURCE))
+            state = live
             try:
-                self._add(partition, state, record, result)
+                if lane:
+                    if headers.get(contract.H_CONTROL) == _END_OF_INPUT:
+                        if lane not in ended:
+                            self._end_lane(partition, lane, dirty, result)
+                        continue
+                    if lane in ended:
+                        raise InvalidMessage(
+                            Reason.LATE, f"{lane} has ended: its windows are already emitted"
+                        )
+                    state = dirty.get(lane) or self._state(partition, lane)
+                    dirty[lane] = state
+                self._add(partition, state, record, headers, result)
             except InvalidMessage as exc:
                 result.reject(STAGE, record, exc)
-        self._flush_dirty(partition, state, result)
+        for state in dirty.values():
+            self._flush_dirty(partition, state, result)
+        for lane in result.lanes_ended:
+            result.writes.append((watermark_state_key(partition, lane), None))
+            result.writes.append((ended_state_key(partition, lane), b"{}"))
+            ended.add(lane)
+            self.lanes.pop((partition, lane), None)
         return result
 
+    def _end_lane(
+        self,
+        partition: int,
+        lane: str,
+        dirty: dict[str, PartitionState],
+        result: AggregateResult,
+    ) -> None:
+        """A backfill run's end of input: emit all its windows, then forget the lane."""
+        state = dirty.get(lane) or self._state(partition, lane)
+        dirty[lane] = state
+        self._advance(partition, state, END_OF_TIME, result)
+        result.lanes_ended.append(lane)
+
     def _add(
-        self, partition: int, state: PartitionState, record: InRecord, result: AggregateResult
+        self,
+        partition: int,
+        state: PartitionState,
+        record: InRecord,
+        headers: dict[str, bytes],
+        result: AggregateResult,
     ) -> None:
         try:
             doc = orjson.loads(record.value or b"")
@@ -210,7 +316,7 @@ class AggregateStage:
             raise InvalidMessage(
                 Reason.SCHEMA_VIOLATION, "input is not an enriched/1 record"
             ) from None
-        lineage_raw = contract.header_map(record.headers).get(contract.H_LINEAGE)
+        lineage_raw = headers.get(contract.H_LINEAGE)
         lineage = (
             lineage_raw.decode("ascii", "replace")
             if lineage_raw
@@ -228,7 +334,7 @@ class AggregateStage:
             return
         if (
             state.watermark is not None
-            and start + self.window_ms + self.lateness_ms <= state.watermark
+            and start + self.window_ms + state.lateness_ms <= state.watermark
         ):
             raise InvalidMessage(
                 Reason.LATE,
@@ -239,9 +345,9 @@ class AggregateStage:
             window = state.windows[wkey] = Window(
                 device_id, metric, site, unit, start, start + self.window_ms
             )
-            heapq.heappush(state.closing, (window.end + self.lateness_ms, wkey))
+            heapq.heappush(state.closing, (window.end + state.lateness_ms, wkey))
         window.add(ts, value, lineage)
-        result.touched.add(wkey)
+        state.touched.add(wkey)
         result.counted.append((record.offset, lineage, wkey))
         if state.watermark is None or ts > state.watermark:
             self._advance(partition, state, ts, result)
@@ -250,7 +356,7 @@ class AggregateStage:
         self, partition: int, state: PartitionState, watermark: int, result: AggregateResult
     ) -> None:
         state.watermark = watermark
-        result.watermark = orjson.dumps({"watermark": watermark})
+        state.new_watermark = orjson.dumps({"watermark": watermark})
         closing = state.closing
         while closing and closing[0][0] <= watermark:
             _, wkey = heapq.heappop(closing)
@@ -258,26 +364,28 @@ class AggregateStage:
             if window is None or window.closed:
                 continue
             window.closed = True
-            heapq.heappush(state.evicting, (self._forget_at(window), wkey))
+            heapq.heappush(state.evicting, (self._forget_at(state, window), wkey))
             result.windows_emitted += 1
             headers = [
                 (contract.H_SCHEMA, contract.SCHEMA_AGGREGATE.encode()),
                 (contract.H_TRACEPARENT, contract.new_traceparent().encode()),
             ]
+            doc = window.result()
+            if state.lane:
+                doc["source"] = state.lane
+                headers.append((contract.H_SOURCE, state.lane.encode()))
             result.outputs.append(
-                OutRecord(
-                    window.device_id.encode(), orjson.dumps(window.result()), headers, window.end
-                )
+                OutRecord(window.device_id.encode(), orjson.dumps(doc), headers, window.end)
             )
-            result.touched.add(wkey)
+            state.touched.add(wkey)
         evicting = state.evicting
         while evicting and evicting[0][0] <= watermark:
             _, wkey = heapq.heappop(evicting)
             window = state.windows.pop(wkey, None)
             if window is not None:
-                if wkey in result.touched:  # changed in this batch: save that first
-                    result.last_states[wkey] = window.to_state()
-                result.touched.add(wkey)
+                if wkey in state.touched:  # changed in this batch: save that first
+                    state.last_states[wkey] = window.to_state()
+                state.touched.add(wkey)
 
     def _flush_dirty(self, partition: int, state: PartitionState, result: AggregateResult) -> None:
         """Fill ``writes`` in a crash-safe order: window updates, the watermark, then
@@ -291,20 +399,21 @@ class AggregateStage:
         """
         writes = result.writes
         deletions = []
-        for wkey in result.touched:
+        lane = state.lane
+        for wkey in state.touched:
             window = state.windows.get(wkey)
-            key = window_state_key(partition, wkey)
+            key = window_state_key(partition, wkey, lane)
             if window is not None:
                 writes.append((key, window.to_state()))
             else:
-                if wkey in result.last_states:  # closed and forgotten in one batch
-                    writes.append((key, result.last_states[wkey]))
+                if wkey in state.last_states:  # closed and forgotten in one batch
+                    writes.append((key, state.last_states[wkey]))
                 deletions.append(key)
-        result.touched.clear()
-        result.last_states.clear()
-        if result.watermark is not None:
-            writes.append((watermark_state_key(partition), result.watermark))
-            result.watermark = None
+        state.touched.clear()
+        state.last_states.clear()
+        if state.new_watermark is not None:
+            writes.append((watermark_state_key(partition, lane), state.new_watermark))
+            state.new_watermark = None
         writes.extend((key, None) for key in deletions)
 
     def tick(self, partition: int, quiet_since: float) -> AggregateResult:
