@@ -12,20 +12,23 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import urllib.request
 from collections import Counter
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from confluent_kafka.admin import NewTopic
 from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline.backfill.source import ParquetSource
 from pipeline.backfill.state import RunStore
 from pipeline.broker import free_port
-from pipeline.kafka import admin, client_config, high_watermarks, read_topic
+from pipeline.kafka import admin, client_config, high_watermarks, producer, read_topic
 from pipeline.lag import committed_offsets, partitions_of
-from pipeline.simulator import SimRecord
+from pipeline.simulator import SimRecord, generate
 from stages.parse import decode
 from tests.integration.harness import (
     REGISTRY,
@@ -366,3 +369,58 @@ def test_a_stage_that_does_not_move_fails_the_run_with_a_reason_and_lineage_even
     outputs = [o["name"] for o in events[0]["outputs"]]
     assert outputs == [settings.stages["parse"].backfill_lane, settings.stages["aggregate"].output]
     assert "no progress" in events[-1]["run"]["facets"]["errorMessage"]["message"]
+
+
+def test_a_kafka_time_range_backfilled_through_all_four_stages(broker, tmp_path):
+    """``--from-topic`` with a time range, entering at ingest (the workers do the
+    ingest work); poison records in the range end as the run's dead letters."""
+    config, settings = isolated_config(tmp_path, broker.bootstrap)
+    publish_devices(settings, REGISTRY)
+    archive = settings.stages["ingest"].inputs[0].replace("iot.landing", "archive")
+    client = admin(settings)  # kept: the future needs its client alive
+    client.create_topics([NewTopic(archive, 2, -1)])[archive].result()
+    t0 = int(time.time() * 1000) - 3_600_000
+    records = list(generate(20, 900, start_ms=t0, bad_ratio=0.03, dup_ratio=0.0, seed=65))
+    sender = producer(settings)
+    for i, r in enumerate(records):  # arrival time: 10 ms apart
+        sender.produce(archive, r.value, r.key, timestamp=t0 + 10 * i)
+    assert sender.flush(30) == 0
+    chosen = records[300:700]
+    iso = lambda ms: datetime.fromtimestamp(ms / 1000, UTC).isoformat()  # noqa: E731
+
+    pipe = Pipeline(config, settings, tmp_path)
+    pipe.start_all()
+    try:
+        run = backfill(
+            settings,
+            config,
+            "run",
+            "--from-topic",
+            archive,
+            "--start",
+            iso(t0 + 3000),
+            "--end",
+            iso(t0 + 7000),
+            "--stage",
+            "ingest",
+            "--chunk-size",
+            "150",
+            "--rate",
+            "0",
+            "--run-id",
+            "k2",
+            "--json",
+        )
+        assert run.returncode == 0, run.stderr + pipe.logs()
+        state = json.loads(run.stdout)
+        assert state["state"] == "COMPLETE" and state["rows_sent"] == 400
+        assert state["entry_topic"] == settings.stages["ingest"].inputs[0]
+        assert_windows_match(chosen, aggregates(settings))
+        expected_dead: dict[str, dict[str, int]] = {}
+        for r in chosen:
+            if r.stage is not None:
+                by_reason = expected_dead.setdefault(r.stage, {})
+                by_reason[r.kind] = by_reason.get(r.kind, 0) + 1
+        assert expected_dead and state["dead_letters"] == expected_dead
+    finally:
+        pipe.stop_all()
