@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed-stamp
 BENCH_VENV ?= .venv-bench
 BENCH_STAMP := $(BENCH_VENV)/.installed-stamp
 
-.PHONY: install demo test test-unit test-integration test-helm test-reliability lint fmt clean bench
+.PHONY: install demo test test-unit test-integration test-helm test-reliability lint fmt clean bench bench-backfill
 
 install: $(STAMP)
 
@@ -30,6 +30,10 @@ $(BENCH_STAMP): pyproject.toml
 
 bench: $(BENCH_STAMP)
 	$(BENCH_VENV)/bin/python bench/run.py $(BENCH_ARGS)
+
+# Live latency with and without a 120k-row backfill, and backfill rows/s (issue 6).
+bench-backfill: $(BENCH_STAMP)
+	$(BENCH_VENV)/bin/python bench/backfill.py $(BENCH_ARGS)
 
 demo: install
 	$(BIN)/pipeline demo $(DEMO_ARGS)
