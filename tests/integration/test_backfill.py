@@ -177,9 +177,14 @@ def test_parquet_backfill_completes_only_when_aggregated_and_matches_a_batch_com
             "--run-id",
             "r1",
             "--json",
+            extra_env={"PIPELINE_OPENLINEAGE__FILE_PATH": str(tmp_path / "ol.jsonl")},
         )
         assert run.returncode == 0, run.stderr + pipe.logs()
         state = json.loads(run.stdout)
+        events = [json.loads(x) for x in (tmp_path / "ol.jsonl").read_text().splitlines()]
+        kinds = [e["eventType"] for e in events]
+        assert kinds[0] == "START" and kinds[-1] == "COMPLETE" and "RUNNING" in kinds
+        assert {e["run"]["runId"] for e in events} == {state["openlineage_run_id"]}
         # COMPLETE means aggregated: the windows are all there *now*, nothing waited for
         got = aggregates(settings)
         assert state["state"] == "COMPLETE"
