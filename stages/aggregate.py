@@ -254,8 +254,7 @@ class AggregateStage:
     def process(self, partition: int, records: Sequence[InRecord]) -> AggregateResult:
         result = AggregateResult()
         live = self._state(partition)
-        if records:
-            live.last_input_at = self._clock()
+        live_input = False  # only live input keeps the live lane from being idle
         dirty: dict[str, PartitionState] = {LIVE: live}
         ended = self.ended.setdefault(partition, set())
         for record in records:
@@ -274,9 +273,13 @@ class AggregateStage:
                         )
                     state = dirty.get(lane) or self._state(partition, lane)
                     dirty[lane] = state
+                else:
+                    live_input = True
                 self._add(partition, state, record, headers, result)
             except InvalidMessage as exc:
                 result.reject(STAGE, record, exc)
+        if live_input:
+            live.last_input_at = self._clock()
         for state in dirty.values():
             self._flush_dirty(partition, state, result)
         for lane in result.lanes_ended:

@@ -125,3 +125,15 @@ def test_live_output_has_no_source_field():
     result = s.process(0, [r(1), r(5 * W)])
     assert windows(result) and all("source" not in w for w in windows(result))
     assert orjson.loads(result.outputs[0].value)["count"] == 1
+
+
+def test_backfill_input_does_not_keep_the_live_lane_from_closing_idle_windows():
+    clock = Clock()
+    s = make(clock)
+    s.process(0, [r(1)])
+    clock.t += 0.5
+    s.process(0, [b(2)])  # backfill traffic only from here on
+    clock.t += W / 1000 + 3  # past the window's end + lateness (2 s) at wall-clock rate
+    s.process(0, [b(3)])
+    result = s.tick(0, quiet_since=0.0)
+    assert [w["window_start"] for w in windows(result)] == [0]  # the live window closed
