@@ -396,7 +396,14 @@ def collect(settings: Settings, sample_s: float = DEFAULT_SAMPLE_S) -> list[Stag
     specs = {s: settings.stage(s) for s in STAGE_IDS}
     retry_topics = {s: spec.retry.topic if spec.retry else None for s, spec in specs.items()}
     inputs = {
-        s: partitions_of(settings, [*spec.inputs, *([spec.retry.topic] if spec.retry else [])])
+        s: partitions_of(
+            settings,
+            [
+                *spec.inputs,
+                *([spec.backfill_lane] if spec.backfill_lane else []),  # a backfill's lag too
+                *([spec.retry.topic] if spec.retry else []),
+            ],
+        )
         for s, spec in specs.items()
     }
     require_topics(
@@ -404,7 +411,7 @@ def collect(settings: Settings, sample_s: float = DEFAULT_SAMPLE_S) -> list[Stag
         dict.fromkeys(
             t
             for s, spec in specs.items()
-            for t in (*spec.inputs, spec.output, spec.dlq, retry_topics[s])
+            for t in (*spec.inputs, spec.backfill_lane, spec.output, spec.dlq, retry_topics[s])
             if t is not None
         ),
     )
