@@ -96,7 +96,7 @@ RETRY_WAIT = Gauge(
 )
 BACKFILL_DEFERRED = Counter(
     "pipeline_backfill_deferred_total",
-    "Backfill-lane batches held back because live input was waiting.",
+    "Times the backfill lane was paused because live input was waiting.",
     ["stage"],
     registry=REGISTRY,
 )

@@ -35,7 +35,7 @@ from pipeline.faust_fixes import apply_faust_fixes
 from pipeline.health import HEALTH
 from pipeline.kafka import bootstrap, client_config, wait_for_broker
 from pipeline.openlineage import StageLineage
-from pipeline.settings import Settings
+from pipeline.settings import RunnerSettings, Settings
 from pipeline.transport import BatchTransport
 from stages.model import InRecord
 
@@ -153,29 +153,15 @@ def build_app(settings: Settings, stage_id: str) -> tuple[StageApp, Binding]:
         lane_name = spec.backfill_lane
         app.batch_topics = app.batch_topics | {lane_name}
         lane_topic = app.topic(lane_name, key_serializer="raw", value_serializer="raw")
-        live_inputs = frozenset(spec.inputs)
-        enough = runner.batch_max_records
 
         async def backfill(topic: str, partition: int, records: list[InRecord]) -> None:
-            """Backfill records go through the same binding, but live goes first:
-            while the live inputs have more than a batch waiting on the broker, the
-            lane partition is paused and this batch waits."""
-            tp = faust.types.TP(topic, partition)
-            paused = False
-            try:
-                while live_backlog(app, live_inputs) > enough and binding.stopped is None:
-                    if not paused:
-                        app.consumer.pause_partitions([tp])
-                        paused = True
-                        metrics.BACKFILL_DEFERRED.labels(stage_id).inc()
-                    await asyncio.sleep(0.05)
-            finally:
-                if paused:
-                    app.consumer.resume_partitions([tp])
             await binding.handle(partition, records)
 
         app.agent(lane_topic, name=f"{stage_id}-backfill-agent", concurrency=1)(
             batch_agent(backfill)
+        )
+        app.timer(interval=0.1)(
+            LaneGovernor(app, stage_id, lane_name, frozenset(spec.inputs), runner).tick
         )
 
     install_watchdogs(app, settings, stage_id)
@@ -204,6 +190,59 @@ def build_app(settings: Settings, stage_id: str) -> tuple[StageApp, Binding]:
 
         app.timer(interval=max(0.2, settings.aggregate.idle_timeout_s / 4))(idle_tick)
     return app, binding
+
+
+class LaneGovernor:
+    """Live first: the backfill lane is fetched only while the live inputs have no
+    more than a batch waiting on the broker.
+
+    It pauses the lane's partitions (it never holds a lane batch back: a waiting
+    agent would fill its queue, block Faust's fetch loop for live input too, and
+    stop a rebalance that waits for the batch). Lane batches already fetched are
+    processed, alternating with live ones at the binding's lock. After
+    ``runner.backfill_max_defer_s`` paused, the lane gets half a second: under live
+    overload a backfill slows down but never stops.
+    """
+
+    def __init__(
+        self,
+        app: StageApp,
+        stage_id: str,
+        lane: str,
+        live_inputs: frozenset[str],
+        runner: RunnerSettings,
+    ) -> None:
+        self.app = app
+        self.stage_id = stage_id
+        self.lane = lane
+        self.live_inputs = live_inputs
+        self.enough = runner.batch_max_records
+        self.max_defer_s = runner.backfill_max_defer_s
+        self.paused_since: float | None = None
+        self.open_until = 0.0
+        self.generation: int | None = None
+
+    async def tick(self) -> None:
+        app = self.app
+        if self.generation != app.consumer_generation_id:  # a rebalance resumed everything
+            self.generation, self.paused_since = app.consumer_generation_id, None
+        consumer = app.consumer
+        lane = [tp for tp in consumer.assignment() if tp.topic == self.lane]
+        if not lane:
+            return
+        now = time.monotonic()
+        busy = now >= self.open_until and live_backlog(app, self.live_inputs) > self.enough
+        if busy and self.paused_since is None:
+            consumer.pause_partitions(lane)
+            self.paused_since = now
+            metrics.BACKFILL_DEFERRED.labels(self.stage_id).inc()
+        elif self.paused_since is not None and (
+            not busy or now - self.paused_since > self.max_defer_s
+        ):
+            consumer.resume_partitions(lane)
+            if busy:
+                self.open_until = now + 0.5
+            self.paused_since = None
 
 
 def live_backlog(app: StageApp, topics: frozenset[str]) -> int:

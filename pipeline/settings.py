@@ -162,6 +162,8 @@ class RunnerSettings(_Frozen):
     connect_timeout_s: float = Field(default=60.0, gt=0)
     #: how long a Fetch may wait for data (Kafka's default; Faust alone used 1500)
     fetch_max_wait_ms: int = Field(default=500, ge=1, le=30_000)
+    #: the longest a backfill-lane batch waits for live input to drain first
+    backfill_max_defer_s: float = Field(default=5.0, ge=0)
 
 
 class OpenLineageSettings(_Frozen):
