@@ -6,7 +6,8 @@ rounds so machine noise hits all variants alike:
 * ``bare``: ``ParseStage.process`` alone;
 * ``metrics``: plus the per-batch metric updates every worker makes
   (:func:`pipeline.metrics.batch_done` and the dead-letter counters);
-* ``metrics+lineage``: plus building the batch's lineage hops (not sending them).
+* ``metrics+lineage``: plus building the batch's lineage hop records (format 2, one
+  per batch; not sending them).
 
 Writes ``bench/results/metrics_overhead.json`` and prints ratios.
 Run: ``python bench/metrics_overhead.py [--rounds N]``.
@@ -21,7 +22,7 @@ import time
 from pathlib import Path
 
 from pipeline import lineage, metrics
-from pipeline.kafka import Delivered
+from pipeline.kafka import Deliveries
 from pipeline.settings import load_settings
 from pipeline.simulator import generate
 from stages.ingest import IngestStage
@@ -70,9 +71,10 @@ def main() -> None:
 
     def with_lineage() -> None:
         result = with_metrics()
-        delivered = [Delivered("iot.parsed", 0, i) for i in range(len(result.outputs))]
-        delivered += [Delivered("iot.parse.dlq", 0, i) for i in range(len(result.dead))]
-        lineage.hops("parse", "iot.lineage", batch, result, [], delivered, 0)
+        n = len(result.outputs) + len(result.dead)  # acknowledgements as the producer keeps them
+        delivered = Deliveries([("iot.parsed", None, None, [], None)] * n, [0] * n, list(range(n)))
+        topics = ("iot.parsed", "iot.parse.retry", "iot.parse.dlq")
+        lineage.hops("parse", "iot.lineage", batch, result, [], delivered, 0, topics)
 
     variants = {"bare": bare, "metrics": with_metrics, "metrics+lineage": with_lineage}
     times: dict[str, list[float]] = {name: [] for name in variants}

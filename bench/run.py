@@ -593,7 +593,9 @@ def worker_env(ctx: Context, config: Path, port: int, extra: dict[str, str]) -> 
         "PIPELINE_METRICS_PORT": str(port),
         "PIPELINE_METRICS_HOST": "127.0.0.1",
         "PIPELINE_RUNNER__SESSION_TIMEOUT_S": "6",
-        "PIPELINE_LOG_LEVEL": "warning",
+        # the default level; at warning Faust's terminal spinner sets the root
+        # logger to DEBUG (see bench/paths.py)
+        "PIPELINE_LOG_LEVEL": "info",
         "PIPELINE_OPENLINEAGE__TRANSPORT": "none",
         "TMPDIR": str(ctx.tmpdir),  # Faust's datadir: removed with the workdir
         **extra,

@@ -11,12 +11,14 @@ the last batch + 1, not the end (see TEST_BROKER.md); on real Kafka both agree.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from confluent_kafka import (
@@ -107,7 +109,7 @@ def producer_config(settings: Settings, **overrides: Any) -> dict[str, Any]:
         **client_config(settings),
         "enable.idempotence": True,
         "acks": "all",
-        "linger.ms": 5,
+        "linger.ms": 1,
         "batch.num.messages": 10000,
         "compression.type": "lz4",
         "partitioner": "murmur2_random",
@@ -188,6 +190,76 @@ class DeliveryError(Exception):
     """The broker did not acknowledge a produced record."""
 
 
+Outgoing = tuple[str, bytes | None, bytes | None, list[tuple[str, bytes]], int | None]
+#: a record for a given partition, without headers or timestamp (a changelog write):
+#: ``(topic, partition, key, value)``; a None value is a tombstone
+Partitioned = tuple[str, int, bytes | None, bytes | None]
+
+
+class Deliveries(Sequence[Delivered]):
+    """The broker's acknowledgements of one batch, in the order it was produced.
+
+    Kept as two arrays (``partitions``, ``offsets``) plus the produced records'
+    topics; a :class:`Delivered` is made only when one is asked for.
+    """
+
+    __slots__ = ("_records", "offsets", "partitions")
+
+    def __init__(
+        self,
+        records: Sequence[Outgoing | Partitioned],
+        partitions: list[int],
+        offsets: list[int],
+    ) -> None:
+        self._records = records
+        self.partitions = partitions
+        self.offsets = offsets
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def topic(self, index: int) -> str:
+        return self._records[index][0]
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+        return Delivered(self._records[index][0], self.partitions[index], self.offsets[index])
+
+
+class _Pending:
+    """One batch in flight: the delivery reports of all its records land here.
+
+    ``on_delivery`` is one bound method for the batch; each record's callback is a
+    ``functools.partial`` of it with the record's index (no closure, lock or object
+    per report). Reports are served by the poll thread (and by ``flush`` at close):
+    the completion count is an ``itertools.count``, whose ``next`` is atomic, and
+    the last report resolves the batch's one future on the event loop.
+    """
+
+    __slots__ = ("_count", "_loop", "errors", "future", "offsets", "partitions", "total")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, total: int) -> None:
+        self._loop = loop
+        self.future: asyncio.Future[None] = loop.create_future()
+        self.total = total
+        self._count = itertools.count(1)
+        self.partitions = [0] * total
+        self.offsets = [0] * total
+        self.errors: list[str] = []
+
+    def on_delivery(self, index: int, err: KafkaError | None, msg: Message) -> None:
+        if err is None:
+            self.partitions[index] = msg.partition() or 0
+            self.offsets[index] = msg.offset() or 0
+        else:
+            self.errors.append(f"{msg.topic()}: {err.str()}")
+        if next(self._count) == self.total:
+            self._loop.call_soon_threadsafe(_resolve, self.future)
+
+
 class AsyncProducer:
     """A confluent-kafka producer whose batches can be awaited until acknowledged.
 
@@ -207,54 +279,63 @@ class AsyncProducer:
             self._producer.poll(0.05)
 
     async def send_batch(
-        self,
-        records: Sequence[
-            tuple[str, bytes | None, bytes | None, list[tuple[str, bytes]], int | None]
-        ],
-    ) -> list[Delivered]:
-        """Produce ``(topic, key, value, headers, timestamp_ms)`` records and await them all."""
-        if not records:
-            return []
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future[None] = loop.create_future()
-        results: list[Delivered | None] = [None] * len(records)
-        remaining = [len(records)]
-        errors: list[str] = []
-        lock = threading.Lock()
-
-        def on_delivery(index: int) -> Callable[[KafkaError | None, Message], None]:
-            def callback(err: KafkaError | None, msg: Message) -> None:
-                with lock:
-                    if err is not None:
-                        errors.append(f"{msg.topic()}: {err.str()}")
-                    else:
-                        results[index] = Delivered(
-                            msg.topic() or "", msg.partition() or 0, msg.offset() or 0
-                        )
-                    remaining[0] -= 1
-                    finished = remaining[0] == 0
-                if finished:
-                    loop.call_soon_threadsafe(_resolve, done)
-
-            return callback
-
+        self, records: Sequence[Outgoing], partitioned: Sequence[Partitioned] = ()
+    ) -> Deliveries:
+        """Produce ``(topic, key, value, headers, timestamp_ms)`` records, then
+        ``partitioned`` ones, and await them all; the acknowledgements come back in
+        that order."""
+        if not records and not partitioned:
+            return Deliveries(records, [], [])
+        pending = _Pending(asyncio.get_running_loop(), len(records) + len(partitioned))
+        on_delivery = pending.on_delivery
         produce = self._producer.produce
         for index, (topic, key, value, headers, ts) in enumerate(records):
-            kwargs: dict[str, Any] = {"headers": headers, "on_delivery": on_delivery(index)}
-            if ts is not None and ts > 0:
-                kwargs["timestamp"] = ts
+            callback = partial(on_delivery, index)
             while True:
                 try:
-                    produce(topic, value, key, **kwargs)
+                    if ts is not None and ts > 0:
+                        produce(
+                            topic,
+                            value,
+                            key,
+                            on_delivery=callback,
+                            timestamp=ts,
+                            headers=headers,  # type: ignore[arg-type]
+                        )
+                    else:
+                        produce(
+                            topic,
+                            value,
+                            key,
+                            on_delivery=callback,
+                            headers=headers,  # type: ignore[arg-type]
+                        )
                     break
                 except BufferError:
                     await asyncio.sleep(0.01)
                 except KafkaException as exc:
                     raise DeliveryError(f"cannot produce to {topic}: {exc}") from exc
-        await done
-        if errors:
-            raise DeliveryError(f"{len(errors)} record(s) not acknowledged: {errors[0]}")
-        return [r for r in results if r is not None]
+        index = len(records)
+        for topic, partition, key, value in partitioned:
+            while True:
+                try:
+                    produce(topic, value, key, partition, on_delivery=partial(on_delivery, index))
+                    break
+                except BufferError:
+                    await asyncio.sleep(0.01)
+                except KafkaException as exc:
+                    raise DeliveryError(f"cannot produce to {topic}: {exc}") from exc
+            index += 1
+        await pending.future
+        if pending.errors:
+            raise DeliveryError(
+                f"{len(pending.errors)} record(s) not acknowledged: {pending.errors[0]}"
+            )
+        produced: Sequence[Outgoing | Partitioned] = records
+        if partitioned:
+            produced = [*records]
+            produced.extend(partitioned)
+        return Deliveries(produced, pending.partitions, pending.offsets)
 
     def flush(self, timeout: float = 30.0) -> int:
         return int(self._producer.flush(timeout))

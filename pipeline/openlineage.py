@@ -7,8 +7,10 @@ facet) when it stops; the run id is a UUIDv7 per worker process. Its datasets ar
 Kafka topics, named as the OpenLineage naming spec says: namespace
 ``kafka://<first bootstrap host:port>``, name = topic.
 
-* inputs: the stage's input topics, its retry topic, the enrich registry topic;
-* outputs: its output topic, dead-letter topic, retry topic, the aggregate state topic.
+* inputs: the stage's input topics, its backfill lane, its retry topic, the enrich
+  registry topic;
+* outputs: its output topic, the next stage's backfill lane, its dead-letter topic,
+  retry topic, the aggregate state topic.
 
 The record lineage topic (:mod:`pipeline.lineage`) is bookkeeping, not data: left out.
 
@@ -86,8 +88,9 @@ def stage_topics(settings: Settings, stage_id: str) -> tuple[list[str], list[str
     """The topics a stage reads and the topics it writes, each once, in a fixed order."""
     spec = settings.stage(stage_id)
     retry = spec.retry.topic if spec.retry else None
-    inputs = [*spec.inputs, retry, spec.registry_topic]
-    outputs = [spec.output, spec.dlq, retry, spec.state_topic]
+    inputs = [*spec.inputs, spec.backfill_lane, retry, spec.registry_topic]
+    lane_out = settings.lane_output(stage_id) if spec.backfill_lane else None
+    outputs = [spec.output, lane_out, spec.dlq, retry, spec.state_topic]
     return (
         list(dict.fromkeys(t for t in inputs if t is not None)),
         list(dict.fromkeys(t for t in outputs if t is not None)),

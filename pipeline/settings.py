@@ -266,10 +266,12 @@ class Settings(BaseSettings):
         agg = self.stages["aggregate"]
         if agg.state_topic is None:
             raise ValueError("stage 'aggregate' needs a 'state_topic'")
-        agg_in = {self.topics[t].partitions for t in (*agg.inputs, agg.state_topic)}
+        agg_topics = (*agg.inputs, agg.state_topic, agg.backfill_lane)
+        agg_in = {self.topics[t].partitions for t in agg_topics if t is not None}
         if len(agg_in) != 1:
             raise ValueError(
-                "the aggregate stage's inputs and state_topic must have one partition count"
+                "the aggregate stage's inputs, backfill_lane and state_topic must have one "
+                "partition count"
             )
         return self
 
@@ -280,6 +282,16 @@ class Settings(BaseSettings):
             raise ConfigError(
                 f"unknown stage {stage_id!r}; choose one of: {', '.join(STAGE_IDS)}"
             ) from None
+
+    def lane_output(self, stage_id: str) -> str:
+        """Where a stage writes what it made of a backfill-lane batch: the next
+        stage's backfill lane, else its ordinary output."""
+        index = STAGE_IDS.index(stage_id)
+        if index + 1 < len(STAGE_IDS):
+            lane = self.stage(STAGE_IDS[index + 1]).backfill_lane
+            if lane is not None:
+                return lane
+        return self.stage(stage_id).output
 
     def group_id(self, stage_id: str) -> str:
         """The consumer group of a stage: one id, one name."""

@@ -11,6 +11,12 @@ watermark reaches ``end + allowed_lateness``. After that:
   window length), then forgotten; a replay reaching further back than that gets
   ``late`` dead letters for readings already counted, never a second count.
 
+Re-delivery after a crash: with each batch's state the changelog gets, last, the
+next input offset of the batch's topic partition (the *fence*). Records below the
+fence are already in the state, so a re-delivered batch is skipped as duplicates
+however long ago its windows were closed and forgotten (the lineage ids of
+closed windows only cover ``closed_retention_s``).
+
 The watermark is advanced per record, so results do not depend on how records
 were batched: re-processing the same input gives the same windows. When a
 partition gets no input for ``idle_timeout_s``, :meth:`AggregateStage.tick`
@@ -165,6 +171,10 @@ def ended_state_key(partition: int, lane: str) -> bytes:
     return orjson.dumps(["end", partition, lane])
 
 
+def fence_state_key(partition: int, topic: str) -> bytes:
+    return orjson.dumps(["in", partition, topic])
+
+
 @dataclass(slots=True)
 class AggregateResult(StageResult):
     """``writes``: changelog writes (key, value; None deletes) to apply in this order."""
@@ -192,6 +202,8 @@ class AggregateStage:
         self.lanes: dict[tuple[int, str], PartitionState] = {}
         #: backfill lanes that have ended, per partition
         self.ended: dict[int, set[str]] = {}
+        #: (partition, input topic) -> the next input offset the state does not hold
+        self.fences: dict[tuple[int, str], int] = {}
 
     # -- state -------------------------------------------------------------
     def _new_state(self, lane: str) -> PartitionState:
@@ -211,6 +223,9 @@ class AggregateStage:
             kind = key[0]
             if kind == "end":
                 ended.add(key[2])
+                continue
+            if kind == "in":
+                self.fences[(partition, key[2])] = orjson.loads(raw_value)["next"]
                 continue
             lane = key[-1] if (kind == "wm" and len(key) == 3) or len(key) == 6 else LIVE
             state = live if not lane else lanes.setdefault(lane, self._new_state(lane))
@@ -236,6 +251,8 @@ class AggregateStage:
     def drop(self, partition: int) -> None:
         self.partitions.pop(partition, None)
         self.ended.pop(partition, None)
+        for fence in [k for k in self.fences if k[0] == partition]:
+            del self.fences[fence]
         for key in [k for k in self.lanes if k[0] == partition]:
             del self.lanes[key]
 
@@ -257,7 +274,12 @@ class AggregateStage:
         live_input = False  # only live input keeps the live lane from being idle
         dirty: dict[str, PartitionState] = {LIVE: live}
         ended = self.ended.setdefault(partition, set())
+        topic = records[0].topic if records else ""
+        fence = self.fences.get((partition, topic), -1)
         for record in records:
+            if record.offset < fence:  # re-delivered: its effect is in the state already
+                result.duplicates += 1
+                continue
             headers = contract.header_map(record.headers)
             lane = lane_of(headers.get(contract.H_SOURCE))
             state = live
@@ -287,6 +309,12 @@ class AggregateStage:
             result.writes.append((ended_state_key(partition, lane), b"{}"))
             ended.add(lane)
             self.lanes.pop((partition, lane), None)
+        if records and records[-1].offset >= fence:
+            # last: once it is in the changelog, so is everything before it (one
+            # partition, in order), and a re-delivery of these records is skipped
+            nxt = records[-1].offset + 1
+            self.fences[(partition, topic)] = nxt
+            result.writes.append((fence_state_key(partition, topic), orjson.dumps({"next": nxt})))
         return result
 
     def _end_lane(

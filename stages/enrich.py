@@ -25,6 +25,7 @@ from stages.model import InRecord, OutRecord, StageResult
 
 STAGE = "enrich"
 REQUIRED_COLUMNS = ("device_id", "site", "device_type", "unit")
+_SCHEMA_ENRICHED = contract.SCHEMA_ENRICHED.encode()
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,9 +125,7 @@ class EnrichStage:
         reading["unit"] = reading.get("unit") or device.unit
         if device.attributes:
             reading["attributes"] = device.attributes
-        headers = contract.next_hop_headers(
-            contract.header_map(record.headers), contract.SCHEMA_ENRICHED
-        )
+        headers = contract.next_hop(record.headers, _SCHEMA_ENRICHED)
         return OutRecord(
             record.key, orjson.dumps(reading), headers, reading.get("ts"), record.offset
         )

@@ -26,6 +26,9 @@ from pipeline.settings import IngestSettings
 from stages.model import InRecord, OutRecord, StageResult
 
 STAGE = "ingest"
+_LINEAGE, _TRACEPARENT, _SOURCE = contract.H_LINEAGE, contract.H_TRACEPARENT, contract.H_SOURCE
+_SCHEMA, _INGEST_TS = contract.H_SCHEMA, contract.H_INGEST_TS
+_LIVE, _SCHEMA_RAW = contract.SOURCE_LIVE.encode(), contract.SCHEMA_RAW.encode()
 
 Identity = tuple[str, str, int | None]
 
@@ -108,6 +111,8 @@ class IngestStage:
         result = StageResult()
         max_bytes = self._settings.max_payload_bytes
         now_ms = int(self._clock() * 1000)
+        ingest_ts = str(now_ms).encode()
+        child_traceparent = contract.child_traceparent_bytes
         for record in records:
             payload = record.value
             if not payload or not payload.strip():
@@ -141,20 +146,14 @@ class IngestStage:
                 lineage = contract.lineage_id(
                     ts if ts is not None else record.timestamp_ms, device_id, seq, digest
                 )
-            source = incoming.get(contract.H_SOURCE, contract.SOURCE_LIVE.encode())
-            headers = contract.with_headers(
-                incoming,
-                {
-                    contract.H_LINEAGE: lineage,
-                    contract.H_TRACEPARENT: contract.child_traceparent(
-                        incoming.get(contract.H_TRACEPARENT)
-                    ),
-                    contract.H_SOURCE: source,
-                    contract.H_SCHEMA: contract.SCHEMA_RAW,
-                    contract.H_INGEST_TS: str(now_ms),
-                },
-            )
+            # as contract.with_headers(incoming, {lineage, traceparent, source, schema,
+            # ingest-ts}) does, on the fresh dict header_map made
+            incoming[_LINEAGE] = lineage.encode()
+            incoming[_TRACEPARENT] = child_traceparent(incoming.get(_TRACEPARENT))
+            incoming[_SOURCE] = incoming.get(_SOURCE, _LIVE)
+            incoming[_SCHEMA] = _SCHEMA_RAW
+            incoming[_INGEST_TS] = ingest_ts
             result.outputs.append(
-                OutRecord(key, payload, headers, record.timestamp_ms, record.offset)
+                OutRecord(key, payload, list(incoming.items()), record.timestamp_ms, record.offset)
             )
         return result

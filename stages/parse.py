@@ -27,6 +27,7 @@ from stages.model import InRecord, OutRecord, StageResult
 STAGE = "parse"
 MAX_ID_LEN = 256
 FIELDS = ("device_id", "ts", "seq", "metric", "value", "unit")
+_SCHEMA_READING = contract.SCHEMA_READING.encode()
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,7 +58,7 @@ def _is_int(x: Any) -> TypeGuard[int]:
 
 def decode(payload: bytes) -> dict[str, Any]:
     """A JSON object or CSV line as a dict of raw fields; raise ``decode_error``."""
-    if payload.lstrip()[:1] == b"{":
+    if payload[:1] == b"{" or payload.lstrip()[:1] == b"{":
         try:
             parsed: Any = orjson.loads(payload)
         except orjson.JSONDecodeError as exc:
@@ -94,32 +95,44 @@ class ParseStage:
 
     def validate(self, doc: dict[str, Any], now_ms: int) -> Reading:
         """The reading in ``doc``; raise :class:`InvalidMessage` with the first problem."""
-        device_id = doc.get("device_id")
-        if not isinstance(device_id, str) or not device_id.strip():
+        return Reading(*self._fields(doc, now_ms))
+
+    def _fields(self, doc: dict[str, Any], now_ms: int) -> tuple[str, int, int, str, float, str]:
+        """:meth:`validate`'s reading as a tuple (no object per record)."""
+        get = doc.get
+        device_id = get("device_id")
+        if type(device_id) is not str and not isinstance(device_id, str):
+            raise InvalidMessage(Reason.SCHEMA_VIOLATION, "device_id must be a non-empty string")
+        if not device_id.strip():
             raise InvalidMessage(Reason.SCHEMA_VIOLATION, "device_id must be a non-empty string")
         if len(device_id) > MAX_ID_LEN:
             raise InvalidMessage(Reason.SCHEMA_VIOLATION, f"device_id longer than {MAX_ID_LEN}")
-        metric = doc.get("metric")
-        if not isinstance(metric, str) or not metric.strip():
+        metric = get("metric")
+        if type(metric) is not str and not isinstance(metric, str):
+            raise InvalidMessage(Reason.SCHEMA_VIOLATION, "metric must be a non-empty string")
+        if not metric.strip():
             raise InvalidMessage(Reason.SCHEMA_VIOLATION, "metric must be a non-empty string")
         if len(metric) > MAX_ID_LEN:
             raise InvalidMessage(Reason.SCHEMA_VIOLATION, f"metric longer than {MAX_ID_LEN}")
-        ts = doc.get("ts")
-        if not _is_int(ts):
+        ts = get("ts")
+        if type(ts) is not int and not _is_int(ts):
             raise InvalidMessage(Reason.SCHEMA_VIOLATION, "ts must be an integer (epoch ms)")
-        seq = doc.get("seq")
-        if not _is_int(seq) or seq < 0:
+        seq = get("seq")
+        if (type(seq) is not int and not _is_int(seq)) or seq < 0:
             raise InvalidMessage(Reason.SCHEMA_VIOLATION, "seq must be a non-negative integer")
-        value = doc.get("value")
-        if not isinstance(value, int | float) or isinstance(value, bool):
-            raise InvalidMessage(Reason.SCHEMA_VIOLATION, "value must be a number")
-        value = float(value) if _is_int(value) and abs(value) < 2**53 else value
-        if not isinstance(value, float) or not math.isfinite(value):
+        value = get("value")
+        if type(value) is not float:
+            if not isinstance(value, int | float) or isinstance(value, bool):
+                raise InvalidMessage(Reason.SCHEMA_VIOLATION, "value must be a number")
+            value = float(value) if _is_int(value) and abs(value) < 2**53 else value
+            if not isinstance(value, float):
+                raise InvalidMessage(Reason.OUT_OF_RANGE, "value is not a finite float64")
+        if not math.isfinite(value):
             raise InvalidMessage(Reason.OUT_OF_RANGE, "value is not a finite float64")
-        unit = doc.get("unit", "")
+        unit = get("unit", "")
         if unit is None:
             unit = ""
-        if not isinstance(unit, str) or len(unit) > 32:
+        if (type(unit) is not str and not isinstance(unit, str)) or len(unit) > 32:
             raise InvalidMessage(Reason.SCHEMA_VIOLATION, "unit must be a string of at most 32")
         s = self._settings
         if not s.min_ts_ms <= ts <= now_ms + s.max_future_ms:
@@ -130,28 +143,37 @@ class ParseStage:
                 Reason.OUT_OF_RANGE,
                 f"{metric} value outside [{bounds.min}, {bounds.max}]",
             )
-        return Reading(device_id, ts, seq, metric, value, unit)
+        return device_id, ts, seq, metric, value, unit
 
     def process(self, records: Sequence[InRecord]) -> StageResult:
         result = StageResult()
+        outputs = result.outputs
         now_ms = int(self._clock() * 1000)
+        fields, dumps, next_hop = self._fields, orjson.dumps, contract.next_hop
         for record in records:
             try:
                 if not record.value:
                     raise InvalidMessage(Reason.DECODE_ERROR, "empty payload")
-                reading = self.validate(decode(record.value), now_ms)
+                device_id, ts, seq, metric, value, unit = fields(decode(record.value), now_ms)
             except InvalidMessage as exc:
                 result.reject(STAGE, record, exc)
                 continue
-            headers = contract.next_hop_headers(
-                contract.header_map(record.headers), contract.SCHEMA_READING
-            )
-            result.outputs.append(
+            outputs.append(
                 OutRecord(
-                    reading.device_id.encode(),
-                    reading.to_json(),
-                    headers,
-                    reading.ts,
+                    device_id.encode(),
+                    # the same bytes as Reading.to_json
+                    dumps(
+                        {
+                            "device_id": device_id,
+                            "ts": ts,
+                            "seq": seq,
+                            "metric": metric,
+                            "value": value,
+                            "unit": unit,
+                        }
+                    ),
+                    next_hop(record.headers, _SCHEMA_READING),
+                    ts,
                     record.offset,
                 )
             )

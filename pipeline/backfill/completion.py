@@ -9,12 +9,16 @@ stage (entry … aggregate):
 2. if the stage has a retry topic, wait ``max_attempts`` rounds until the group
    has committed past a snapshot of the retry topic's end: each round settles one
    more attempt of the run's retried records (the last attempt dead-letters);
-3. the next stage's targets are the ends of this stage's output topic, read now.
+3. the next stage's targets are the ends of its input topics and backfill lane,
+   read now (a lane batch's outputs go to the next lane, a retried record's to
+   the ordinary output).
 
-Live records interleaved with the run's are waited for too: the barrier is
+Live records in the same topics are waited for too: the barrier is
 conservative, never early. Then the controller sends one end-of-input record per
 partition of the aggregate's input and waits for the aggregate to commit past
-them: the run's last windows are emitted and the run is COMPLETE.
+them: the run's last windows are emitted and the run is COMPLETE. (The marker
+goes into the aggregate's lane; backfilled records that came the other way, as
+retries, were committed before it was sent.)
 
 A stage that does not move for ``backfill.stall_timeout_s`` while it has records
 of the run to commit fails the run with a reason (no worker, or stopped by its
@@ -48,6 +52,11 @@ class RunCancelled(PipelineError):
 
 def stage_chain(entry_stage: str) -> list[str]:
     return list(STAGE_IDS[STAGE_IDS.index(entry_stage) :])
+
+
+def input_topics(settings: Settings, stage: str) -> list[str]:
+    spec = settings.stage(stage)
+    return [*spec.inputs, *([spec.backfill_lane] if spec.backfill_lane else [])]
 
 
 def remaining(targets: Mapping[TP, int], committed: Mapping[TP, int | None]) -> int:
@@ -109,19 +118,23 @@ class Completion:
 
     def through_stages(self, entry_stage: str, entry_targets: Mapping[TP, int]) -> None:
         targets = dict(entry_targets)
-        for stage in stage_chain(entry_stage):
+        chain = stage_chain(entry_stage)
+        for stage, after in zip(chain, [*chain[1:], None], strict=True):
             spec = self.settings.stage(stage)
             self.wait_stage(stage, targets)
             if spec.retry is not None:
                 for _ in range(spec.retry.max_attempts):
                     self.wait_stage(stage, self.ends([spec.retry.topic]))
-            if stage != STAGE_IDS[-1]:
-                targets = self.ends([spec.output])
+            if after is not None:
+                # what this stage wrote is in the next one's input and lane (a lane
+                # batch's outputs) or input (a retried record's)
+                targets = self.ends(input_topics(self.settings, after))
 
     def send_end_of_input(self) -> dict[TP, int]:
-        """One end-of-input record per partition of the aggregate's input; returns the
-        offset after each (what the aggregate has to commit)."""
+        """One end-of-input record per partition of the aggregate's backfill lane (else
+        its input); returns the offset after each (what the aggregate has to commit)."""
         spec = self.settings.stage(STAGE_IDS[-1])
+        marked = [spec.backfill_lane] if spec.backfill_lane else list(spec.inputs)
         prod = producer(self.settings)
         acked: dict[TP, int] = {}
         errors: list[str] = []
@@ -137,7 +150,7 @@ class Completion:
             (contract.H_CONTROL, contract.CONTROL_END_OF_INPUT.encode()),
         ]
         try:
-            for topic, partition in partitions_of(self.settings, spec.inputs):
+            for topic, partition in partitions_of(self.settings, marked):
                 prod.produce(
                     topic, b"", None, partition=partition, headers=headers, on_delivery=on_delivery
                 )

@@ -231,3 +231,21 @@ def test_plaintext_kafka_renders_no_credentials_at_all() -> None:
             env = env_of(container)
             assert env["PIPELINE_KAFKA_SECURITY_PROTOCOL"]["value"] == "PLAINTEXT"
             assert not [n for n in env if "SASL" in n or "SSL_CAFILE" in n], where
+
+
+def test_the_openlineage_api_key_comes_only_from_an_existing_secret() -> None:
+    rendered = render({"openlineage": {"apiKeySecret": {"name": "marquez", "key": "token"}}})
+    templates = list(pod_templates(rendered))
+    assert templates
+    for where, pod in templates:
+        for container in containers(pod):
+            entry = env_of(container)["PIPELINE_OPENLINEAGE__API_KEY"]
+            assert entry == {
+                "name": "PIPELINE_OPENLINEAGE__API_KEY",
+                "valueFrom": {"secretKeyRef": {"name": "marquez", "key": "token"}},
+            }, where
+    for _, pod in pod_templates(render()):  # no secret named: no variable
+        for container in containers(pod):
+            assert "PIPELINE_OPENLINEAGE__API_KEY" not in env_of(container)
+    with pytest.raises(helm.HelmValuesError):
+        render({"openlineage": {"apiKey": PASSWORD}})

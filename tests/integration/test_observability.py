@@ -49,11 +49,14 @@ def test_a_worker_reports_its_streaming_run_to_openlineage(broker, tmp_path):
     assert start["job"]["name"] == f"{settings.app_prefix}.parse"
     assert start["job"]["facets"]["jobType"]["processingType"] == "STREAMING"
     kafka = f"kafka://{broker.bootstrap}"
+    parse_spec = settings.stages["parse"]
     assert [(d["namespace"], d["name"]) for d in start["inputs"]] == [
-        (kafka, settings.stages["parse"].inputs[0])
+        (kafka, parse_spec.inputs[0]),
+        (kafka, parse_spec.backfill_lane),
     ]
     outputs = {(d["namespace"], d["name"]) for d in start["outputs"]}
     assert outputs == {
-        (kafka, settings.stages["parse"].output),
-        (kafka, settings.stages["parse"].dlq),
+        (kafka, parse_spec.output),
+        (kafka, settings.stages["enrich"].backfill_lane),
+        (kafka, parse_spec.dlq),
     }

@@ -1,3 +1,4 @@
+import dataclasses
 import random
 
 import orjson
@@ -146,8 +147,8 @@ def stream(n: int, seed: int) -> list[InRecord]:
         ts = i * 700 + rng.randrange(0, 14_000)  # disorder beyond window + lateness: some late
         device = f"d{rng.randrange(3)}"
         records.append(r(ts, float(rng.randrange(100)), f"id{i}", device=device))
-        if rng.random() < 0.1:
-            records.append(records[-1])  # at-least-once duplicate
+        if rng.random() < 0.1:  # at-least-once duplicate: written again upstream
+            records.append(dataclasses.replace(records[-1], offset=next(_offset)))
     return records
 
 
@@ -196,8 +197,9 @@ def test_state_writes_are_ordered_updates_watermark_deletions():
     res = s.process(0, [r(W), r(3 * W + L)])  # closes window 0 and W, forgets window 0
     kinds = [("delete" if v is None else orjson.loads(k)[0]) for k, v in res.writes]
     # windows W and 0 are closed and then forgotten in this batch (watermark
-    # 3W + L): their final states, the new window 3W, the watermark, then deletions
-    assert kinds == ["w", "w", "w", "wm", "delete", "delete"], kinds
+    # 3W + L): their final states, the new window 3W, the watermark, deletions, and
+    # last the fence (the next input offset)
+    assert kinds == ["w", "w", "w", "wm", "delete", "delete", "in"], kinds
 
 
 @pytest.mark.parametrize("crash_batch", [1, 3, 4])
@@ -256,3 +258,23 @@ def test_idle_time_counts_only_while_the_pipeline_is_quiet():
     assert [w["count"] for w in out] == [2]
     late = s.process(0, [r(12_000, lineage="x")])  # watermark moved ~14 s, not ~74 s
     assert not late.dead
+
+
+def test_a_batch_re_delivered_after_its_windows_were_forgotten_is_skipped_not_late():
+    """The state holds the next input offset (the fence): a crash between the state
+    write and the offset commit re-delivers records whose windows may be long gone."""
+    s = make()
+    first = [r(1, 1.0, "A"), r(2, 2.0, "B")]
+    later = [r(10 * W, 3.0, "C"), r(20 * W, 4.0, "D")]  # closes and forgets window 0
+    results = [s.process(0, first), s.process(0, later)]
+    changelog: dict[bytes, bytes | None] = {}
+    for result in results:
+        changelog.update(result.writes)
+    restarted = make()
+    restarted.load(0, [(k, v) for k, v in changelog.items() if v is not None])
+
+    again = restarted.process(0, [*first, *later])  # the uncommitted input, again
+
+    assert again.duplicates == 4 and not again.dead and not again.outputs
+    new = dataclasses.replace(r(20 * W + 1, 5.0, "E"), offset=later[-1].offset + 1)
+    assert restarted.process(0, [new]).duplicates == 0

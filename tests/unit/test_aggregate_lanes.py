@@ -7,7 +7,7 @@ import orjson
 from pipeline import contract
 from stages.aggregate import AggregateStage
 from stages.model import InRecord
-from tests.unit.test_aggregate import Clock, W, make, r, windows
+from tests.unit.test_aggregate import Clock, W, _offset, make, r, windows
 
 RUN = contract.backfill_source("run-1")
 
@@ -22,7 +22,7 @@ def end_of_input(source: str = RUN) -> InRecord:
     return InRecord(
         "iot.enriched",
         0,
-        10**9,
+        next(_offset),
         0,
         None,
         b"",

@@ -30,12 +30,18 @@ KAFKA = "kafka://127.0.0.1:9092"
 #: what each stage reads and writes, as config/pipeline.yaml declares it
 EXPECTED = {
     "ingest": (["iot.landing"], ["iot.raw", "iot.ingest.dlq"]),
-    "parse": (["iot.raw"], ["iot.parsed", "iot.parse.dlq"]),
-    "enrich": (
-        ["iot.parsed", "iot.enrich.retry", "iot.devices"],
-        ["iot.enriched", "iot.enrich.dlq", "iot.enrich.retry"],
+    "parse": (
+        ["iot.raw", "iot.backfill.raw"],
+        ["iot.parsed", "iot.backfill.parsed", "iot.parse.dlq"],
     ),
-    "aggregate": (["iot.enriched"], ["iot.aggregates", "iot.aggregate.dlq", "iot.aggregate.state"]),
+    "enrich": (
+        ["iot.parsed", "iot.backfill.parsed", "iot.enrich.retry", "iot.devices"],
+        ["iot.enriched", "iot.backfill.enriched", "iot.enrich.dlq", "iot.enrich.retry"],
+    ),
+    "aggregate": (
+        ["iot.enriched", "iot.backfill.enriched"],
+        ["iot.aggregates", "iot.aggregate.dlq", "iot.aggregate.state"],
+    ),
 }
 
 

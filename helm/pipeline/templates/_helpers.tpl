@@ -202,6 +202,15 @@ user's env (global, then per stage). Context: dict "root" $ "env" STAGE-ENV.
 - name: PIPELINE_CONFIG
   value: /etc/pipeline/pipeline.yaml
 {{ include "pipeline.kafkaEnv" $root }}
+{{- with $root.Values.openlineage.apiKeySecret }}
+{{- if .name }}
+- name: PIPELINE_OPENLINEAGE__API_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ .name | quote }}
+      key: {{ .key | quote }}
+{{- end }}
+{{- end }}
 {{- $env := dict "PIPELINE_LOG_LEVEL" $root.Values.logLevel }}
 {{- range $k, $v := $root.Values.env }}
 {{- $_ := set $env $k $v }}
