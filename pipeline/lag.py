@@ -79,8 +79,14 @@ class PipelineQuiet:
         if self._client is None:
             self._client = admin(self._settings)
         client = self._client
-        self._quiet = all(
-            not any(group_lag(self._settings, client, stage).values()) for stage in self._upstream
-        )
+        try:
+            self._quiet = all(
+                not any(group_lag(self._settings, client, stage).values())
+                for stage in self._upstream
+            )
+        except (BrokerError, KafkaException):
+            # the broker did not answer: nothing is known to be quiet (the worker's
+            # broker probe reports and, in time, exits; this must not crash it)
+            self._quiet = False
         self._checked_at = time.monotonic()
         return self._quiet
