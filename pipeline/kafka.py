@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import re
 import threading
 import time
 import uuid
@@ -47,6 +48,32 @@ def bootstrap(settings: Settings) -> str:
 #: librdkafka's own log lines go here (not straight to stderr); the CLI silences
 #: it, stage workers log it.
 RDKAFKA_LOG = logging.getLogger("pipeline.rdkafka")
+
+
+class RepeatFilter(logging.Filter):
+    """Lets a kind of line through once per ``every_s``: librdkafka repeats a failing
+    connection several times a second per client while a broker is down, which
+    buried everything else in a worker's log. A kind is the message with its
+    numbers (ports, counters, timings) blanked."""
+
+    def __init__(self, every_s: float = 30.0) -> None:
+        super().__init__()
+        self.every_s = every_s
+        self._last: dict[str, float] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        kind = re.sub(r"\d+", "#", record.getMessage())[:120]
+        now = time.monotonic()
+        last = self._last.get(kind)
+        if last is not None and now - last < self.every_s:
+            return False
+        if len(self._last) > 1000:
+            self._last.clear()
+        self._last[kind] = now
+        return True
+
+
+RDKAFKA_LOG.addFilter(RepeatFilter())
 
 
 def client_config(settings: Settings) -> dict[str, Any]:

@@ -63,3 +63,19 @@ def test_an_unknown_security_protocol_is_a_config_error():
 
     with pytest.raises(ConfigError, match="kafka_security_protocol"):
         load_settings(kafka_bootstrap_servers="h:9", kafka_security_protocol="SASL")
+
+
+def test_repeated_librdkafka_lines_are_let_through_once_per_interval():
+    import logging
+
+    from pipeline.kafka import RepeatFilter
+
+    gate = RepeatFilter(every_s=60)
+
+    def line(text: str) -> logging.LogRecord:
+        return logging.LogRecord("pipeline.rdkafka", logging.ERROR, "", 0, text, (), None)
+
+    failed = "FAIL [thrd:127.0.0.1:{}/bootstrap]: Connect to 127.0.0.1:{} failed after {}ms"
+    passed = [gate.filter(line(failed.format(port, port, ms))) for port, ms in [(9, 1), (9, 2)]]
+    assert passed == [True, False]  # the same failure again, other numbers: dropped
+    assert gate.filter(line("another kind of line"))
