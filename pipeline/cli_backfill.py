@@ -124,7 +124,7 @@ def run_cmd(
     if existing is not None:
         if existing.fingerprint != source.fingerprint():
             fail(f"run {run_id} exists with another input; choose a new --run-id", EXIT_CONFIG)
-        _resume(ctx, settings, store, existing, force, as_json, rate)
+        _resume(settings, store, existing, force, as_json, rate)
         return
     run = new_run(settings, run_id, source, chunks, entry, size, rows_per_s)
     if not chunks:
@@ -159,11 +159,10 @@ def resume_cmd(
     if run is None:
         fail(f"no backfill run {run_id}; see `pipeline backfill list`", 1)
         return
-    _resume(ctx, settings, store, run, force, as_json, rate)
+    _resume(settings, store, run, force, as_json, rate)
 
 
 def _resume(
-    ctx: click.Context,
     settings: Settings,
     store: Any,
     run: Any,

@@ -17,7 +17,7 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -218,6 +218,69 @@ class DeliveryError(Exception):
 
 
 Outgoing = tuple[str, bytes | None, bytes | None, list[tuple[str, bytes]], int | None]
+
+
+def produce_acked(
+    client: Producer,
+    records: Sequence[Outgoing],
+    what: str,
+    *,
+    partitions: Sequence[int] | None = None,
+    timeout: float = 120.0,
+    pace: Callable[[int], None] | None = None,
+    pace_every: int = 1000,
+    hint: str = "check that the broker is up",
+) -> dict[tuple[str, int], int]:
+    """Produce ``records`` (``partitions[i]`` for record i if given, else by key) and
+    wait until the broker acknowledged every one: the synchronous twin of
+    :meth:`AsyncProducer.send_batch`, for the CLI and the backfill controller.
+
+    Returns one past the highest acknowledged offset per (topic, partition).
+    ``pace(n)`` is called after every ``pace_every`` records (and for the rest at
+    the end), e.g. a rate limiter. Raises BrokerError ``cannot {what}: …; {hint}``
+    if any record was refused or not acknowledged within ``timeout``.
+    """
+    acked: dict[tuple[str, int], int] = {}
+    errors: list[str] = []
+
+    def on_delivery(err: KafkaError | None, msg: Message) -> None:
+        if err is not None:
+            errors.append(f"{msg.topic()}: {err.str()}")
+            return
+        tp = (msg.topic() or "", msg.partition() or 0)
+        end = (msg.offset() or 0) + 1
+        if end > acked.get(tp, 0):
+            acked[tp] = end
+
+    for i, (topic, key, value, headers, ts) in enumerate(records):
+        kwargs: dict[str, Any] = {"headers": headers, "on_delivery": on_delivery}
+        if ts:
+            kwargs["timestamp"] = ts
+        if partitions is not None:
+            kwargs["partition"] = partitions[i]
+        while True:
+            try:
+                client.produce(topic, value, key, **kwargs)
+                break
+            except BufferError:
+                client.poll(0.05)
+            except KafkaException as exc:
+                raise BrokerError(f"cannot {what}: {exc}; {hint}") from None
+        if pace is not None and (i + 1) % pace_every == 0:
+            client.poll(0)
+            pace(pace_every)
+    if pace is not None:
+        pace(len(records) % pace_every)
+    if client.flush(timeout) > 0 or errors:
+        why = (
+            f"{len(errors)} record(s) refused: {errors[0]}"
+            if errors
+            else f"not acknowledged within {timeout:.0f}s"
+        )
+        raise BrokerError(f"cannot {what}: {why}; {hint}")
+    return acked
+
+
 #: a record for a given partition, without headers or timestamp (a changelog write):
 #: ``(topic, partition, key, value)``; a None value is a tombstone
 Partitioned = tuple[str, int, bytes | None, bytes | None]

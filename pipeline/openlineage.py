@@ -206,23 +206,8 @@ class StageLineage:
         self._emit(state, error)
 
     def _emit(self, state: RunState, error: RunFacet | None = None) -> None:
-        transport = self._transport
-        if transport is None:
+        if self._transport is None:
             return
-        try:
-            transport.emit(self._event(state, error))
-        except Exception as exc:
-            log.warning(
-                "openlineage: %s event of %s not emitted (%s transport): %s",
-                state.value,
-                self.job_name,
-                transport.kind,
-                _one_line(exc),
-            )
-        else:
-            log.debug("openlineage: %s event of %s emitted", state.value, self.job_name)
-
-    def _event(self, state: RunState, error: RunFacet | None) -> RunEvent:
         run_facets: dict[str, RunFacet] = {
             "processing_engine": processing_engine_run.ProcessingEngineRunFacet(
                 version=_version("faust-streaming"),
@@ -233,23 +218,62 @@ class StageLineage:
         }
         if error is not None:
             run_facets["errorMessage"] = error
-        job_facets: dict[str, JobFacet] = {
-            "jobType": job_type_job.JobTypeJobFacet(
-                processingType="STREAMING",
-                integration="FAUST",
-                jobType="JOB",
-                producer=PRODUCER,
-            )
-        }
-        return RunEvent(
-            eventType=state,
-            eventTime=datetime.now(UTC).isoformat(),
-            run=Run(runId=self.run_id, facets=run_facets),
-            job=Job(namespace=self.job_namespace, name=self.job_name, facets=job_facets),
-            inputs=list(self._inputs),
-            outputs=list(self._outputs),
+        emit_run_event(
+            self._transport,
+            state,
+            run_id=self.run_id,
+            job=(self.job_namespace, self.job_name),
+            job_type=("STREAMING", "FAUST", "JOB"),
+            run_facets=run_facets,
+            inputs=self._inputs,
+            outputs=self._outputs,
+        )
+
+
+def emit_run_event(
+    transport: Transport,
+    state: RunState,
+    *,
+    run_id: str,
+    job: tuple[str, str],
+    job_type: tuple[str, str, str],
+    run_facets: dict[str, RunFacet],
+    inputs: list[InputDataset],
+    outputs: list[OutputDataset],
+) -> None:
+    """Build one run event of ``job`` (namespace, name), its ``jobType`` facet from
+    ``job_type`` (processingType, integration, jobType), and emit it. A failure logs
+    one warning and never raises: lineage must not stop the work it describes."""
+    processing_type, integration, job_kind = job_type
+    job_facets: dict[str, JobFacet] = {
+        "jobType": job_type_job.JobTypeJobFacet(
+            processingType=processing_type,
+            integration=integration,
+            jobType=job_kind,
             producer=PRODUCER,
         )
+    }
+    event = RunEvent(
+        eventType=state,
+        eventTime=datetime.now(UTC).isoformat(),
+        run=Run(runId=run_id, facets=run_facets),
+        job=Job(namespace=job[0], name=job[1], facets=job_facets),
+        inputs=list(inputs),
+        outputs=list(outputs),
+        producer=PRODUCER,
+    )
+    try:
+        transport.emit(event)
+    except Exception as exc:
+        log.warning(
+            "openlineage: %s event of %s not emitted (%s transport): %s",
+            state.value,
+            job[1],
+            transport.kind,
+            _one_line(exc),
+        )
+    else:
+        log.debug("openlineage: %s event of %s emitted", state.value, job[1])
 
 
 def _one_line(exc: BaseException) -> str:

@@ -40,16 +40,21 @@ class Reading:
     unit: str
 
     def to_json(self) -> bytes:
-        return orjson.dumps(
-            {
-                "device_id": self.device_id,
-                "ts": self.ts,
-                "seq": self.seq,
-                "metric": self.metric,
-                "value": self.value,
-                "unit": self.unit,
-            }
-        )
+        return reading_json(self.device_id, self.ts, self.seq, self.metric, self.value, self.unit)
+
+
+def reading_json(device_id: str, ts: int, seq: int, metric: str, value: float, unit: str) -> bytes:
+    """A ``reading/1`` payload, keys in their fixed order (what parse writes)."""
+    return orjson.dumps(
+        {
+            "device_id": device_id,
+            "ts": ts,
+            "seq": seq,
+            "metric": metric,
+            "value": value,
+            "unit": unit,
+        }
+    )
 
 
 def _is_int(x: Any) -> TypeGuard[int]:
@@ -149,7 +154,7 @@ class ParseStage:
         result = StageResult()
         outputs = result.outputs
         now_ms = int(self._clock() * 1000)
-        fields, dumps, next_hop = self._fields, orjson.dumps, contract.next_hop
+        fields, next_hop = self._fields, contract.next_hop
         for record in records:
             try:
                 if not record.value:
@@ -161,17 +166,7 @@ class ParseStage:
             outputs.append(
                 OutRecord(
                     device_id.encode(),
-                    # the same bytes as Reading.to_json
-                    dumps(
-                        {
-                            "device_id": device_id,
-                            "ts": ts,
-                            "seq": seq,
-                            "metric": metric,
-                            "value": value,
-                            "unit": unit,
-                        }
-                    ),
+                    reading_json(device_id, ts, seq, metric, value, unit),
                     next_hop(record.headers, _SCHEMA_READING),
                     ts,
                     record.offset,

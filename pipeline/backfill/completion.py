@@ -29,13 +29,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
-
-from confluent_kafka import KafkaError, KafkaException, Message
 
 from pipeline import contract
-from pipeline.errors import BrokerError, PipelineError
-from pipeline.kafka import admin, client_config, high_watermarks, producer
+from pipeline.errors import PipelineError
+from pipeline.kafka import admin, client_config, high_watermarks, produce_acked, producer
 from pipeline.lag import committed_offsets, partitions_of
 from pipeline.settings import STAGE_IDS, Settings
 
@@ -135,29 +132,15 @@ class Completion:
         its input); returns the offset after each (what the aggregate has to commit)."""
         spec = self.settings.stage(STAGE_IDS[-1])
         marked = [spec.backfill_lane] if spec.backfill_lane else list(spec.inputs)
-        prod = producer(self.settings)
-        acked: dict[TP, int] = {}
-        errors: list[str] = []
-
-        def on_delivery(err: KafkaError | None, msg: Message) -> None:
-            if err is not None:
-                errors.append(err.str())
-            else:
-                acked[(msg.topic() or "", msg.partition() or 0)] = (msg.offset() or 0) + 1
-
-        headers: list[tuple[str, Any]] = [
+        headers: list[tuple[str, bytes]] = [
             (contract.H_SOURCE, self.source.encode()),
             (contract.H_CONTROL, contract.CONTROL_END_OF_INPUT.encode()),
         ]
-        try:
-            for topic, partition in partitions_of(self.settings, marked):
-                prod.produce(
-                    topic, b"", None, partition=partition, headers=headers, on_delivery=on_delivery
-                )
-        except KafkaException as exc:
-            raise BrokerError(f"cannot send end-of-input: {exc}") from None
-        if prod.flush(30) > 0 or errors:
-            raise BrokerError(
-                f"end-of-input not acknowledged: {errors[0] if errors else 'timed out'}"
-            )
-        return acked
+        tps = partitions_of(self.settings, marked)
+        return produce_acked(
+            producer(self.settings),
+            [(topic, None, b"", headers, None) for topic, _ in tps],
+            "send end-of-input",
+            partitions=[partition for _, partition in tps],
+            timeout=30,
+        )

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from confluent_kafka import KafkaError, KafkaException, Message
 from openlineage.client.uuid import generate_new_uuid
 
 from pipeline import contract, metrics
@@ -46,7 +45,7 @@ from pipeline.backfill.state import (
     RunStore,
 )
 from pipeline.errors import BrokerError, ConfigError, PipelineError
-from pipeline.kafka import producer, read_topic
+from pipeline.kafka import produce_acked, producer, read_topic
 from pipeline.settings import STAGE_IDS, Settings
 from stages.ingest import IngestStage
 from stages.model import InRecord
@@ -237,10 +236,7 @@ class Controller:
             self.lineage.running()
 
     def _maybe_cancelled(self) -> None:
-        if time.monotonic() - self._cancel_checked < CANCEL_CHECK_S:
-            return
-        self._cancel_checked = time.monotonic()
-        if self.store.cancel_requested(self.run.run_id):
+        if self._cancel_now():
             raise RunCancelled("cancel requested")
 
     def _send_chunk(
@@ -287,47 +283,14 @@ class Controller:
     ) -> dict[tuple[str, int], int]:
         if self._producer is None:
             self._producer = producer(self.settings)
-        prod = self._producer
-        acked: dict[tuple[str, int], int] = {}
-        errors: list[str] = []
-
-        def on_delivery(err: KafkaError | None, msg: Message) -> None:
-            if err is not None:
-                errors.append(f"{msg.topic()}: {err.str()}")
-                return
-            tp = (msg.topic() or "", msg.partition() or 0)
-            end = (msg.offset() or 0) + 1
-            if end > acked.get(tp, 0):
-                acked[tp] = end
-
-        step = max(1, int(limiter.rate / 20)) if limiter.rate > 0 else 1000
-        for i, (topic, key, value, headers, ts) in enumerate(records, 1):
-            while True:
-                try:
-                    prod.produce(
-                        topic,
-                        value,
-                        key,
-                        headers=headers,
-                        timestamp=ts or 0,
-                        on_delivery=on_delivery,
-                    )
-                    break
-                except BufferError:
-                    prod.poll(0.05)
-                except KafkaException as exc:
-                    raise BrokerError(f"cannot produce to {topic}: {exc}") from None
-            if i % step == 0:
-                prod.poll(0)
-                limiter.wait(step)
-        limiter.wait(len(records) % step)
-        if prod.flush(120) > 0 or errors:
-            raise BrokerError(
-                f"{len(errors) or 'some'} record(s) of the chunk not acknowledged"
-                + (f": {errors[0]}" if errors else " within 120s")
-                + "; resume the run once the broker is healthy"
-            )
-        return acked
+        return produce_acked(
+            self._producer,
+            records,
+            "send a chunk of the backfill",
+            pace=limiter.wait,
+            pace_every=max(1, int(limiter.rate / 20)) if limiter.rate > 0 else 1000,
+            hint="resume the run once the broker is healthy",
+        )
 
     def _drain(self) -> None:
         run = self.run
@@ -365,6 +328,7 @@ class Controller:
             self.lineage.running()
 
     def _cancel_now(self) -> bool:
+        """Was a cancel requested? Asks the runs topic at most every CANCEL_CHECK_S."""
         if time.monotonic() - self._cancel_checked < CANCEL_CHECK_S:
             return False
         self._cancel_checked = time.monotonic()

@@ -14,19 +14,22 @@ from __future__ import annotations
 
 import logging
 import time
-from datetime import UTC, datetime
 from typing import Any
 
-from openlineage.client.event_v2 import InputDataset, Job, OutputDataset, Run, RunEvent, RunState
+from openlineage.client.event_v2 import InputDataset, OutputDataset, RunState
 from openlineage.client.facet_v2 import (
-    JobFacet,
     RunFacet,
     error_message_run,
-    job_type_job,
 )
 from openlineage.client.transport.transport import Transport
 
-from pipeline.openlineage import PRODUCER, _one_line, kafka_namespace, make_transport
+from pipeline.openlineage import (
+    PRODUCER,
+    _one_line,
+    emit_run_event,
+    kafka_namespace,
+    make_transport,
+)
 from pipeline.settings import STAGE_IDS, Settings
 
 log = logging.getLogger("pipeline.backfill")
@@ -87,27 +90,13 @@ class BackfillLineage:
     def _emit(self, state: RunState, error: RunFacet | None = None) -> None:
         if self._transport is None:
             return
-        run_facets: dict[str, RunFacet] = {"errorMessage": error} if error is not None else {}
-        job_facets: dict[str, JobFacet] = {
-            "jobType": job_type_job.JobTypeJobFacet(
-                processingType="BATCH",
-                integration="IOT-PIPELINE",
-                jobType="BACKFILL",
-                producer=PRODUCER,
-            )
-        }
-        event = RunEvent(
-            eventType=state,
-            eventTime=datetime.now(UTC).isoformat(),
-            run=Run(runId=self.run_id, facets=run_facets),
-            job=Job(namespace=self.job_namespace, name=self.job_name, facets=job_facets),
-            inputs=list(self._inputs),
-            outputs=list(self._outputs),
-            producer=PRODUCER,
+        emit_run_event(
+            self._transport,
+            state,
+            run_id=self.run_id,
+            job=(self.job_namespace, self.job_name),
+            job_type=("BATCH", "IOT-PIPELINE", "BACKFILL"),
+            run_facets={"errorMessage": error} if error is not None else {},
+            inputs=self._inputs,
+            outputs=self._outputs,
         )
-        try:
-            self._transport.emit(event)
-        except Exception as exc:
-            log.warning(
-                "openlineage: %s event of the backfill not emitted: %s", state.value, _one_line(exc)
-            )

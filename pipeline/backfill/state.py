@@ -24,10 +24,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import orjson
-from confluent_kafka import KafkaError, KafkaException, Message
+from confluent_kafka import Message
 
-from pipeline.errors import BrokerError, ConfigError
-from pipeline.kafka import producer, read_topic
+from pipeline.errors import ConfigError
+from pipeline.kafka import Outgoing, produce_acked, producer, read_topic
 from pipeline.settings import Settings
 
 PLANNED, RUNNING, DRAINING, COMPLETE, FAILED, CANCELLED = (
@@ -166,16 +166,5 @@ class RunStore:
     def _write(self, key: str, value: bytes) -> None:
         if self._producer is None:
             self._producer = producer(self.settings)
-        errors: list[str] = []
-
-        def on_delivery(err: KafkaError | None, _msg: Message) -> None:
-            if err is not None:
-                errors.append(err.str())
-
-        try:
-            self._producer.produce(self.topic, value, key.encode(), on_delivery=on_delivery)
-        except KafkaException as exc:
-            raise BrokerError(f"cannot write backfill state to {self.topic}: {exc}") from None
-        if self._producer.flush(30) > 0 or errors:
-            why = errors[0] if errors else "not acknowledged within 30s"
-            raise BrokerError(f"cannot write backfill state to {self.topic}: {why}")
+        record: Outgoing = (self.topic, key.encode(), value, [], None)
+        produce_acked(self._producer, [record], f"write backfill state to {self.topic}", timeout=30)
