@@ -22,6 +22,7 @@ import logging
 import os
 import ssl
 import tempfile
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, NoReturn
@@ -361,25 +362,31 @@ def install_watchdogs(app: StageApp, settings: Settings, stage_id: str) -> None:
             return False
         return True
 
-    async def probe_broker() -> None:
+    def probe_loop() -> None:
+        """In a thread of its own: a blocked event loop is reported as such (the
+        event-loop watchdog), never as a missing broker."""
+        while True:
+            ok = broker_answers()
+            now = time.monotonic()
+            if ok:
+                answered[0] = now
+            elif now - answered[0] > exit_after:
+                silent = now - answered[0]
+                message = (
+                    f"stage {stage_id}: no Kafka broker answered at {bootstrap(settings)} for "
+                    f"{silent:.0f}s (runner.connect_timeout_s={exit_after:g}); exiting"
+                )
+                log.critical(message)
+                if app.run_events is not None:
+                    app.run_events.fail(message)
+                logging.shutdown()
+                os._exit(3)
+            time.sleep(2.0)
+
+    async def start_probe() -> None:
         if not answered:  # first run: the worker saw the broker when it started
             answered.append(time.monotonic())
-        ok = await asyncio.get_running_loop().run_in_executor(None, broker_answers)
-        now = time.monotonic()
-        if ok:
-            answered[0] = now
-            return
-        silent = now - answered[0]
-        if silent > exit_after:
-            message = (
-                f"stage {stage_id}: no Kafka broker answered at {bootstrap(settings)} for "
-                f"{silent:.0f}s (runner.connect_timeout_s={exit_after:g}); exiting"
-            )
-            log.critical(message)
-            if app.run_events is not None:
-                app.run_events.fail(message)
-            logging.shutdown()
-            os._exit(3)
+            threading.Thread(target=probe_loop, name="broker-probe", daemon=True).start()
 
     def broker_unreachable() -> str | None:
         if not answered:
@@ -392,7 +399,7 @@ def install_watchdogs(app: StageApp, settings: Settings, stage_id: str) -> None:
             )
         return None
 
-    app.timer(interval=2.0)(probe_broker)
+    app.timer(interval=2.0)(start_probe)
     HEALTH.watch("broker", broker_unreachable)
 
 
