@@ -52,8 +52,8 @@ from run import (  # the e2e bench's pieces: workers, latency reader, live produ
     wait_until,
 )
 
-from pipeline.broker import start_embedded
-from pipeline.registry import publish_registry
+from pipeline.demo.registry import publish_registry
+from pipeline.kafka.embedded import start_embedded
 from pipeline.settings import STAGE_IDS
 from stages.enrich import read_registry_csv
 from stages.parse import decode

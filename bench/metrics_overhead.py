@@ -21,12 +21,13 @@ import statistics
 import time
 from pathlib import Path
 
-from pipeline import lineage, metrics
-from pipeline.kafka import Deliveries
+from pipeline.demo.simulator import generate
+from pipeline.kafka.produce import Deliveries
+from pipeline.lineage import hops as lineage
+from pipeline.obs import metrics
+from pipeline.records import InRecord, StageResult
 from pipeline.settings import load_settings
-from pipeline.simulator import generate
 from stages.ingest import IngestStage
-from stages.model import InRecord, StageResult
 from stages.parse import ParseStage
 
 BATCH = 2000

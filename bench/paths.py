@@ -31,7 +31,7 @@ BATCH = 2000
 
 def producer_config(bootstrap: str) -> dict[str, Any]:
     """The settings of the stages' producer (:func:`pipeline.kafka.producer_config`)."""
-    from pipeline.kafka import producer_config as stage_producer_config
+    from pipeline.kafka.clients import producer_config as stage_producer_config
     from pipeline.settings import load_settings
 
     return stage_producer_config(load_settings(kafka_bootstrap_servers=bootstrap))

@@ -64,16 +64,16 @@ import yaml
 from benchlib import peak_rss_mb, process_cpu_s, rss_mb
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 
-from pipeline.broker import BrokerHandle, free_port, start_embedded
-from pipeline.kafka import admin, client_config, high_watermarks, producer, read_topic
-from pipeline.lag import committed_offsets, group_lag
-from pipeline.registry import publish_registry
+from pipeline.demo.registry import publish_registry
+from pipeline.demo.simulator import SimRecord, generate, metric_of
+from pipeline.kafka.clients import admin, client_config, producer
+from pipeline.kafka.embedded import BrokerHandle, free_port, start_embedded
+from pipeline.kafka.offsets import committed_offsets, group_lag, high_watermarks, read_topic
+from pipeline.kafka.topics import check_topics, create_topics
+from pipeline.records import InRecord
 from pipeline.settings import STAGE_IDS, Settings, load_settings, namespaced
-from pipeline.simulator import SimRecord, generate, metric_of
-from pipeline.topics import check_topics, create_topics
 from stages.enrich import read_registry_csv
 from stages.ingest import IngestStage
-from stages.model import InRecord
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent

@@ -31,14 +31,15 @@ from typing import Any
 import yaml
 from aiokafka.structs import ConsumerRecord
 
-from pipeline.broker import start_embedded
-from pipeline.kafka import AsyncProducer, admin, producer
-from pipeline.runner import build_app
+from pipeline.demo.simulator import generate
+from pipeline.kafka.clients import admin, producer
+from pipeline.kafka.embedded import start_embedded
+from pipeline.kafka.produce import AsyncProducer
+from pipeline.kafka.topics import check_topics, create_topics
+from pipeline.records import InRecord
+from pipeline.runtime.app import build_app
 from pipeline.settings import load_settings, namespaced
-from pipeline.simulator import generate
-from pipeline.topics import check_topics, create_topics
 from stages.ingest import IngestStage
-from stages.model import InRecord
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -78,7 +79,7 @@ async def measure(
     gc_mode: str,
     overrides: dict[str, str],
 ) -> dict[str, Any]:
-    from pipeline.bindings import to_in_record
+    from pipeline.runtime.binding import to_in_record
 
     _app, binding = build_app(settings, stage)  # the app makes the heap a worker has
     if overrides:

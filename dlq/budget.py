@@ -16,11 +16,8 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterable
 
+from pipeline.errors import BudgetExceeded
 from pipeline.settings import DlqBudget
-
-
-class BudgetExceeded(Exception):
-    """The stage must stop; ``str(exc)`` says which limit and the numbers."""
 
 
 class Budget:

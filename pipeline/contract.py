@@ -81,10 +81,14 @@ def lineage_id(ts_ms: int, *identity: object) -> str:
 _ZERO_SPAN = b"0" * 16
 _POOL = 1024
 _spans: Iterator[bytes] = iter(())
+_fork_hook = False
 
 
 def _refill() -> Iterator[bytes]:
-    global _spans
+    global _spans, _fork_hook
+    if not _fork_hook and hasattr(os, "register_at_fork"):  # at first use, not at import
+        os.register_at_fork(after_in_child=_forget_pool)
+        _fork_hook = True
     text = os.urandom(8 * _POOL).hex().encode()
     _spans = iter([s for i in range(0, 16 * _POOL, 16) if (s := text[i : i + 16]) != _ZERO_SPAN])
     return _spans
@@ -93,10 +97,6 @@ def _refill() -> Iterator[bytes]:
 def _forget_pool() -> None:  # pragma: no cover - runs in a forked child
     global _spans
     _spans = iter(())
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_pool)
 
 
 def _span_id() -> bytes:

@@ -5,12 +5,18 @@
     PipelineError
     ├── InvalidMessage   bad input: the record goes to its stage's dead-letter topic
     ├── RetryableError   a dependency is not ready: retried, then dead-lettered
-    ├── ConfigError      settings or pipeline.yaml are wrong: exit code 2, one line
-    └── BrokerError      no broker could be reached or started: exit code 3
+    ├── ConfigError      settings, pipeline.yaml or a stage's declaration are wrong:
+    │                    exit code 2, one line
+    ├── BrokerError      no broker could be reached or started: exit code 3
+    │   └── DeliveryError   the broker did not acknowledge a produced record
+    ├── BudgetExceeded   a stage dead-lettered more than its budget allows
+    └── StageStopped     the stage stopped consuming (its budget); the batch was
+                         not delivered
 
-Anything else raised inside a stage is a bug: the worker crashes loudly, the
-offset of the record is not committed, and the record is processed again after
-the restart.
+Anything else raised inside a stage is a bug in stage code. The stage's
+``on_error`` policy decides: ``dead_letter`` (the default: a ``processing_error``
+dead letter, counted by the budget) or ``crash`` (the worker exits with code 70
+without committing, and the record is processed again after the restart).
 """
 
 from __future__ import annotations
@@ -23,8 +29,8 @@ class PipelineError(Exception):
 class InvalidMessage(PipelineError):
     """A record that can never be processed as it is.
 
-    ``reason`` is one of :class:`dlq.reasons.Reason`; ``str(exc)`` is a short,
-    payload-free description.
+    ``reason`` is a reason code the stage declared (or a framework one, see
+    :mod:`dlq.reasons`); ``str(exc)`` is a short, payload-free description.
     """
 
     def __init__(self, reason: str, message: str) -> None:
@@ -46,3 +52,15 @@ class ConfigError(PipelineError):
 
 class BrokerError(PipelineError):
     """No Kafka-protocol broker could be reached or started."""
+
+
+class DeliveryError(BrokerError):
+    """The broker did not acknowledge a produced record."""
+
+
+class BudgetExceeded(PipelineError):
+    """The stage must stop; ``str(exc)`` says which limit and the numbers."""
+
+
+class StageStopped(PipelineError):
+    """The stage has stopped consuming (dead-letter budget); the batch was not delivered."""

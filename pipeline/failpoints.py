@@ -18,8 +18,16 @@ import os
 import signal
 import time
 
-_name, _, _count = (os.environ.get("PIPELINE_FAILPOINT") or "").partition(":")
-_remaining = int(_count or 1) if _name else 0
+_name = ""
+_remaining = 0
+
+
+def arm(spec: str | None) -> None:
+    """Arm the point ``spec`` (``<name>[:<n>]``, from ``Settings.failpoint``); None disarms.
+    Called once by the worker's composition root, never at import."""
+    global _name, _remaining
+    name, _, count = (spec or "").partition(":")
+    _name, _remaining = name, (int(count or 1) if name else 0)
 
 
 def hit(name: str) -> None:

@@ -219,6 +219,8 @@ class Settings(BaseSettings):
     metrics_host: str = "127.0.0.1"
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
     log_level: str = "info"
+    #: crash point for tests (pipeline.failpoints): ``<name>[:<n>]``; unset in production
+    failpoint: str | None = None
 
     topics: dict[str, TopicSpec]
     stages: dict[str, StageSpec]

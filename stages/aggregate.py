@@ -52,8 +52,8 @@ import orjson
 from dlq.reasons import Reason
 from pipeline import contract
 from pipeline.errors import InvalidMessage
+from pipeline.records import InRecord, OutRecord, StageResult
 from pipeline.settings import AggregateSettings
-from stages.model import InRecord, OutRecord, StageResult
 
 STAGE = "aggregate"
 

@@ -21,7 +21,7 @@ import orjson
 from dlq.reasons import Reason
 from pipeline import contract
 from pipeline.errors import InvalidMessage, RetryableError
-from stages.model import InRecord, OutRecord, StageResult
+from pipeline.records import InRecord, OutRecord, StageResult
 
 STAGE = "enrich"
 REQUIRED_COLUMNS = ("device_id", "site", "device_type", "unit")

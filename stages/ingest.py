@@ -22,8 +22,8 @@ import orjson
 from dlq.reasons import Reason
 from pipeline import contract
 from pipeline.errors import InvalidMessage
+from pipeline.records import InRecord, OutRecord, StageResult
 from pipeline.settings import IngestSettings
-from stages.model import InRecord, OutRecord, StageResult
 
 STAGE = "ingest"
 _LINEAGE, _TRACEPARENT, _SOURCE = contract.H_LINEAGE, contract.H_TRACEPARENT, contract.H_SOURCE

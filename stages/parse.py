@@ -21,8 +21,8 @@ import orjson
 from dlq.reasons import Reason
 from pipeline import contract
 from pipeline.errors import InvalidMessage
+from pipeline.records import InRecord, OutRecord, StageResult
 from pipeline.settings import ParseSettings
-from stages.model import InRecord, OutRecord, StageResult
 
 STAGE = "parse"
 MAX_ID_LEN = 256

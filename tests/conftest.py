@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.broker import BrokerHandle, resolve_broker
+from pipeline.kafka.embedded import BrokerHandle, resolve_broker
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -32,8 +32,9 @@ from collections.abc import Callable, Mapping
 
 from pipeline import contract
 from pipeline.errors import PipelineError
-from pipeline.kafka import admin, client_config, high_watermarks, produce_acked, producer
-from pipeline.lag import committed_offsets, partitions_of
+from pipeline.kafka.clients import admin, client_config, producer
+from pipeline.kafka.offsets import committed_offsets, high_watermarks, partitions_of
+from pipeline.kafka.produce import produce_acked
 from pipeline.settings import STAGE_IDS, Settings
 
 TP = tuple[str, int]

@@ -25,7 +25,7 @@ from typing import Any
 
 from openlineage.client.uuid import generate_new_uuid
 
-from pipeline import contract, metrics
+from pipeline import contract
 from pipeline.backfill.completion import Completion, RunCancelled, RunFailed
 from pipeline.backfill.lineage import BackfillLineage
 from pipeline.backfill.source import (
@@ -45,10 +45,13 @@ from pipeline.backfill.state import (
     RunStore,
 )
 from pipeline.errors import BrokerError, ConfigError, PipelineError
-from pipeline.kafka import produce_acked, producer, read_topic
+from pipeline.kafka.clients import producer
+from pipeline.kafka.offsets import read_topic
+from pipeline.kafka.produce import produce_acked
+from pipeline.obs import metrics
+from pipeline.records import InRecord
 from pipeline.settings import STAGE_IDS, Settings
 from stages.ingest import IngestStage
-from stages.model import InRecord
 
 log = logging.getLogger("pipeline.backfill")
 

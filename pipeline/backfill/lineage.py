@@ -23,7 +23,7 @@ from openlineage.client.facet_v2 import (
 )
 from openlineage.client.transport.transport import Transport
 
-from pipeline.openlineage import (
+from pipeline.obs.openlineage import (
     PRODUCER,
     _one_line,
     emit_run_event,

@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.errors import ConfigError, PipelineError
-from stages.model import InRecord
+from pipeline.records import InRecord
 
 #: the columns a Parquet input must have (``ts``: epoch ms, or a timestamp type)
 COLUMNS = ("device_id", "ts", "seq", "metric", "value", "unit")
@@ -223,7 +223,7 @@ class TopicSource:
         return chunks
 
     def read(self, chunk: Chunk) -> list[InRecord]:
-        from pipeline.rewind import PartitionReader
+        from pipeline.ops.rewind import PartitionReader
 
         if self._reader is None:
             self._reader = PartitionReader(self.settings, timeout=30.0)
@@ -255,10 +255,11 @@ def resolve_range(
     """Per partition of ``topic``, the offsets ``[start, end)`` for ``start``/``end``
     given as an ISO-8601 time with a zone (records with timestamp >= start and <
     end) or as a plain offset (the same in every partition)."""
-    from pipeline.kafka import admin, client_config, high_watermarks
-    from pipeline.rewind import PartitionReader, resolve_time_offset
+    from pipeline.kafka.clients import admin, client_config
+    from pipeline.kafka.offsets import high_watermarks
+    from pipeline.kafka.topics import existing_partitions
+    from pipeline.ops.rewind import PartitionReader, resolve_time_offset
     from pipeline.timeparse import parse_instant, to_ms
-    from pipeline.topics import existing_partitions
 
     partitions = existing_partitions(admin(settings), topic)
     tps = [(topic, p) for p in range(partitions)]

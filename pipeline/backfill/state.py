@@ -27,7 +27,9 @@ import orjson
 from confluent_kafka import Message
 
 from pipeline.errors import ConfigError
-from pipeline.kafka import Outgoing, produce_acked, producer, read_topic
+from pipeline.kafka.clients import producer
+from pipeline.kafka.offsets import read_topic
+from pipeline.kafka.produce import Outgoing, produce_acked
 from pipeline.settings import Settings
 
 PLANNED, RUNNING, DRAINING, COMPLETE, FAILED, CANCELLED = (

@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from pipeline import metrics
+from pipeline.obs import metrics
 from pipeline.settings import load_settings
 from tests.helm.chart import (
     FULLNAME,

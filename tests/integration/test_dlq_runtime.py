@@ -9,8 +9,8 @@ import orjson
 from confluent_kafka import Message
 
 from pipeline import contract
-from pipeline.kafka import admin, producer, read_topic
-from pipeline.lag import committed_offsets
+from pipeline.kafka.clients import admin, producer
+from pipeline.kafka.offsets import committed_offsets, read_topic
 from stages.enrich import Device
 from tests.integration.harness import (
     REGISTRY,

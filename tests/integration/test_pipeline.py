@@ -8,11 +8,11 @@ from collections import Counter
 
 import pytest
 
-from pipeline.kafka import admin, read_topic
-from pipeline.lag import group_lag
-from pipeline.lineage import trace_many
-from pipeline.rewind import group_state, is_live
-from pipeline.simulator import SimRecord
+from pipeline.demo.simulator import SimRecord
+from pipeline.kafka.clients import admin
+from pipeline.kafka.offsets import group_lag, read_topic
+from pipeline.lineage.trace import trace_many
+from pipeline.ops.rewind import group_state, is_live
 from tests.integration.harness import (
     REGISTRY,
     Pipeline,

@@ -9,8 +9,8 @@ import time
 import pytest
 from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, TopicPartition
 
-from pipeline.kafka import admin, client_config, producer
-from pipeline.lag import committed_offsets
+from pipeline.kafka.clients import admin, client_config, producer
+from pipeline.kafka.offsets import committed_offsets
 from pipeline.settings import Settings
 from tests.integration.harness import isolated_config
 from tests.integration.test_topics_cli import run_cli, run_pipeline

@@ -9,8 +9,8 @@ from collections import Counter
 
 from confluent_kafka import TopicPartition
 
-from pipeline.kafka import admin, consumer, producer
-from pipeline.lag import group_lag
+from pipeline.kafka.clients import admin, consumer, producer
+from pipeline.kafka.offsets import group_lag
 from pipeline.settings import STAGE_IDS
 from tests.integration.harness import (
     Pipeline,

@@ -10,8 +10,8 @@ import sys
 from click.testing import CliRunner
 from confluent_kafka.admin import NewTopic
 
-from pipeline.cli import cli
-from pipeline.kafka import admin
+from pipeline.cli.main import cli
+from pipeline.kafka.clients import admin
 from tests.integration.harness import REPO, isolated_config
 
 
@@ -78,7 +78,7 @@ def test_cli_errors_are_one_line_with_exit_codes(tmp_path):
 
 
 def test_unreachable_broker_is_a_clear_error_not_a_hang(tmp_path):
-    from pipeline.broker import free_port
+    from pipeline.kafka.embedded import free_port
 
     env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{free_port()}"}
     proc = run_pipeline(["topics", "list"], env, timeout=90)
@@ -87,7 +87,7 @@ def test_unreachable_broker_is_a_clear_error_not_a_hang(tmp_path):
 
 
 def test_reading_commands_on_an_unreachable_broker_exit_3_with_one_line():
-    from pipeline.broker import free_port
+    from pipeline.kafka.embedded import free_port
 
     env = {"KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{free_port()}"}
     result = run_cli(["lineage", "trace", "01JZZZZZZZZZZZZZZZZZZZZZZZ"], env)
@@ -97,7 +97,7 @@ def test_reading_commands_on_an_unreachable_broker_exit_3_with_one_line():
 
 
 def test_a_worker_without_a_broker_exits_3_after_its_connect_timeout():
-    from pipeline.broker import free_port
+    from pipeline.kafka.embedded import free_port
 
     env = {
         **os.environ,

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import click
 
-from pipeline.cli import cli
+from pipeline.cli.main import cli
 
 
 def _command(*path: str) -> click.Command:

@@ -17,7 +17,7 @@ from collections import Counter
 
 import pytest
 
-from pipeline.kafka import read_topic
+from pipeline.kafka.offsets import read_topic
 from tests.integration.harness import (
     REGISTRY,
     Pipeline,

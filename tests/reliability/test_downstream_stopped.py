@@ -14,8 +14,8 @@ import signal
 import threading
 import time
 
-from pipeline.kafka import admin, client_config, high_watermarks
-from pipeline.lag import committed_offsets, group_lag, partitions_of
+from pipeline.kafka.clients import admin, client_config
+from pipeline.kafka.offsets import committed_offsets, group_lag, high_watermarks, partitions_of
 from tests.integration.harness import (
     REGISTRY,
     Pipeline,

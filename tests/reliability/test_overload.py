@@ -23,8 +23,8 @@ import threading
 import time
 from typing import Any
 
-from pipeline.kafka import producer
-from pipeline.simulator import SimRecord, generate
+from pipeline.demo.simulator import SimRecord, generate
+from pipeline.kafka.clients import producer
 from tests.integration.harness import (
     REGISTRY,
     Pipeline,

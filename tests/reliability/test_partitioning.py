@@ -8,13 +8,13 @@ import os
 import subprocess
 import sys
 
-from pipeline.kafka import read_topic
-from pipeline.lineage import partition_for
+from pipeline.kafka.offsets import read_topic
+from pipeline.lineage.trace import partition_for
 from tests.integration.harness import REPO, isolated_config
 
 PRODUCE = """
 import sys
-from pipeline.kafka import producer
+from pipeline.kafka.clients import producer
 from pipeline.settings import load_settings
 settings = load_settings(sys.argv[1])
 client = producer(settings)

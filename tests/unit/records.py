@@ -6,7 +6,7 @@ import itertools
 
 import orjson
 
-from stages.model import InRecord
+from pipeline.records import InRecord
 
 _offsets = itertools.count()
 

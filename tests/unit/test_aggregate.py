@@ -4,9 +4,9 @@ import random
 import orjson
 import pytest
 
+from pipeline.records import InRecord
 from pipeline.settings import AggregateSettings
 from stages.aggregate import AggregateStage
-from stages.model import InRecord
 
 W = 10_000  # window, ms
 L = 2_000  # allowed lateness, ms

@@ -5,8 +5,8 @@ import dataclasses
 import orjson
 
 from pipeline import contract
+from pipeline.records import InRecord
 from stages.aggregate import AggregateStage
-from stages.model import InRecord
 from tests.unit.test_aggregate import Clock, W, _offset, make, r, windows
 
 RUN = contract.backfill_source("run-1")

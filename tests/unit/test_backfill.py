@@ -14,7 +14,7 @@ from pipeline.backfill.completion import remaining, stage_chain
 from pipeline.backfill.controller import RateLimiter, check_run_id, entry_topic
 from pipeline.backfill.source import ParquetSource, chunk_ranges, expand_paths
 from pipeline.backfill.state import RunState, compress, expand
-from pipeline.cli import cli
+from pipeline.cli.main import cli
 from pipeline.errors import ConfigError
 from pipeline.settings import load_settings
 from stages.ingest import IngestStage

@@ -1,6 +1,7 @@
 import pytest
 
-from dlq.budget import Budget, BudgetExceeded
+from dlq.budget import Budget
+from pipeline.errors import BudgetExceeded
 from pipeline.settings import DlqBudget
 
 

@@ -9,10 +9,10 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from dlq import store
+from dlq import export, read, redrive, view
 from dlq.envelope import DeadLetter
 from dlq.reasons import Reason
-from pipeline.cli import cli
+from pipeline.cli.main import cli
 from pipeline.errors import ConfigError
 from pipeline.timeparse import parse_instant, to_ms
 
@@ -29,7 +29,7 @@ def letter(
     headers: tuple[tuple[str, bytes], ...] = (("lineage-id", b"L1"),),
     key: bytes | None = b"dev-1",
     value: bytes | None = b"not json",
-) -> store.StoredDeadLetter:
+) -> read.StoredDeadLetter:
     dead = DeadLetter(
         stage=stage,
         reason=reason,
@@ -44,7 +44,7 @@ def letter(
         timestamp_ms=T0 - 5 * MIN,
         attempts=1,
     )
-    return store.parse_dead_letter(
+    return read.parse_dead_letter(
         stage,
         f"iot.{stage}.dlq",
         0,
@@ -75,7 +75,7 @@ def test_envelope_headers_parse_into_the_dataclass():
 
 
 def test_malformed_envelope_is_parsed_with_reason_unknown_and_problems():
-    d = store.parse_dead_letter(
+    d = read.parse_dead_letter(
         "enrich",
         "iot.enrich.dlq",
         0,
@@ -91,7 +91,7 @@ def test_malformed_envelope_is_parsed_with_reason_unknown_and_problems():
         None,
     )
     assert d.ref == "enrich:0:7"
-    assert d.reason == store.UNKNOWN_REASON == "?"
+    assert d.reason == read.UNKNOWN_REASON == "?"
     assert d.failed_at_ms is None and d.attempts is None and d.original_topic is None
     assert d.replay_count == 0
     assert d.malformed
@@ -106,7 +106,7 @@ def test_malformed_envelope_is_parsed_with_reason_unknown_and_problems():
         assert expected in joined
     assert d.headers[-1] == ("trace", None)
     # no headers at all: still a dead letter, never an exception
-    bare = store.parse_dead_letter("parse", "t", 0, 1, None, None, None)
+    bare = read.parse_dead_letter("parse", "t", 0, 1, None, None, None)
     assert bare.reason == "?" and bare.headers == () and bare.timestamp_ms is None
 
 
@@ -114,22 +114,22 @@ def test_replay_headers_drop_the_envelope_and_count_one_more():
     d = letter(
         headers=(("lineage-id", b"L1"), ("retry.attempts", b"2"), ("dlq.replay-count", b"1"))
     )
-    assert store.replay_headers(d) == [("lineage-id", b"L1"), ("dlq.replay-count", b"2")]
-    assert store.replay_timestamp(d) == T0 - 5 * MIN
-    bare = store.parse_dead_letter("parse", "t", 0, 1, None, None, (), 1234)
-    assert store.replay_timestamp(bare) == 1234
-    assert store.replay_headers(bare) == [("dlq.replay-count", b"1")]
+    assert redrive.replay_headers(d) == [("lineage-id", b"L1"), ("dlq.replay-count", b"2")]
+    assert redrive.replay_timestamp(d) == T0 - 5 * MIN
+    bare = read.parse_dead_letter("parse", "t", 0, 1, None, None, (), 1234)
+    assert redrive.replay_timestamp(bare) == 1234
+    assert redrive.replay_headers(bare) == [("dlq.replay-count", b"1")]
 
 
 # ------------------------------------------------------------------------ refs
 
 
 def test_parse_ref():
-    assert store.parse_ref("parse:0:17") == store.Ref("parse", 0, 17)
-    assert str(store.parse_ref(" enrich:3:0 ")) == "enrich:3:0"
+    assert read.parse_ref("parse:0:17") == read.Ref("parse", 0, 17)
+    assert str(read.parse_ref(" enrich:3:0 ")) == "enrich:3:0"
     for bad in ("parse:0", "parse:-1:2", "parse:a:2", "parse:0:1:2", "", "nope:0:1"):
         with pytest.raises(ConfigError, match="bad dead-letter reference"):
-            store.parse_ref(bad)
+            read.parse_ref(bad)
 
 
 # --------------------------------------------------------------------- filters
@@ -140,44 +140,42 @@ def test_filters_by_reason_time_and_limit():
         letter(Reason.DECODE_ERROR, T0, 0),
         letter(Reason.OUT_OF_RANGE, T0 + 10 * MIN, 1),
         letter(Reason.OUT_OF_RANGE, T0 + 20 * MIN, 2),
-        store.parse_dead_letter("parse", "t", 0, 3, None, None, ()),  # no failed-at
+        read.parse_dead_letter("parse", "t", 0, 3, None, None, ()),  # no failed-at
     ]
 
-    def refs(f: store.Filters) -> list[str]:
+    def refs(f: read.Filters) -> list[str]:
         return [d.ref for d in f.apply(letters)]
 
-    assert refs(store.Filters()) == ["parse:0:0", "parse:0:1", "parse:0:2", "parse:0:3"]
-    assert refs(store.make_filters(["out_of_range"])) == ["parse:0:1", "parse:0:2"]
-    assert refs(store.make_filters(["?"])) == ["parse:0:3"]
-    since_until = store.make_filters(
-        since="2026-03-01T10:10:00Z", until="2026-03-01T11:20:00+01:00"
-    )
+    assert refs(read.Filters()) == ["parse:0:0", "parse:0:1", "parse:0:2", "parse:0:3"]
+    assert refs(read.make_filters(["out_of_range"])) == ["parse:0:1", "parse:0:2"]
+    assert refs(read.make_filters(["?"])) == ["parse:0:3"]
+    since_until = read.make_filters(since="2026-03-01T10:10:00Z", until="2026-03-01T11:20:00+01:00")
     assert refs(since_until) == ["parse:0:1"]  # since inclusive, until exclusive
-    assert refs(store.make_filters(limit=2)) == ["parse:0:0", "parse:0:1"]
-    assert refs(store.make_filters(["out_of_range", "decode_error"], limit=1)) == ["parse:0:0"]
+    assert refs(read.make_filters(limit=2)) == ["parse:0:0", "parse:0:1"]
+    assert refs(read.make_filters(["out_of_range", "decode_error"], limit=1)) == ["parse:0:0"]
 
 
 def test_filter_validation():
     with pytest.raises(ConfigError, match="unknown reason 'bogus'; choose from: too_large"):
-        store.make_filters(["bogus"])
+        read.make_filters(["bogus"])
     with pytest.raises(ConfigError, match="has no timezone"):
-        store.make_filters(since="2026-03-01T10:00:00")
+        read.make_filters(since="2026-03-01T10:00:00")
     with pytest.raises(ConfigError, match="is not before"):
-        store.make_filters(since="2026-03-01T10:00:00Z", until="2026-03-01T10:00:00Z")
-    assert store.parse_stages([]) == ("ingest", "parse", "enrich", "aggregate")
-    assert store.parse_stages(["enrich", "parse", "enrich"]) == ("parse", "enrich")
+        read.make_filters(since="2026-03-01T10:00:00Z", until="2026-03-01T10:00:00Z")
+    assert read.parse_stages([]) == ("ingest", "parse", "enrich", "aggregate")
+    assert read.parse_stages(["enrich", "parse", "enrich"]) == ("parse", "enrich")
     with pytest.raises(ConfigError, match="unknown stage 'transform'"):
-        store.parse_stages(["transform"])
+        read.parse_stages(["transform"])
 
 
 def test_summarize_counts_by_stage_and_reason():
-    rows = store.summarize(
+    rows = view.summarize(
         [
             letter(Reason.OUT_OF_RANGE, T0 + 5 * MIN, 0),
             letter(Reason.DECODE_ERROR, T0 + 3 * MIN, 1),
             letter(Reason.OUT_OF_RANGE, T0 + 1 * MIN, 2),
             letter(Reason.UNKNOWN_DEVICE, T0, 0, stage="enrich"),
-            store.parse_dead_letter("parse", "t", 0, 3, None, None, ()),
+            read.parse_dead_letter("parse", "t", 0, 3, None, None, ()),
         ]
     )
     assert [(r.stage, r.reason, r.count) for r in rows] == [
@@ -193,17 +191,17 @@ def test_summarize_counts_by_stage_and_reason():
 
 
 def test_preview_text_or_hex():
-    assert store.preview(b'{"a": 1}') == store.Preview("text", '{"a": 1}', 8, False)
-    assert store.preview(b"\x00\x01\xff").encoding == "hex"
-    assert store.preview(b"\x00\x01\xff").text == "00 01 ff"
-    assert store.preview(b"\x1b[31mred").encoding == "hex"  # no terminal escapes as text
+    assert view.preview(b'{"a": 1}') == view.Preview("text", '{"a": 1}', 8, False)
+    assert view.preview(b"\x00\x01\xff").encoding == "hex"
+    assert view.preview(b"\x00\x01\xff").text == "00 01 ff"
+    assert view.preview(b"\x1b[31mred").encoding == "hex"  # no terminal escapes as text
     long = ("é" * 400).encode()  # 800 bytes: the cut at 512 falls between characters
-    p = store.preview(long)
+    p = view.preview(long)
     assert p.encoding == "text" and p.truncated and p.size == 800 and p.text == "é" * 256
     odd = b"a" + "é".encode() * 300  # the cut at 512 splits a character
-    q = store.preview(odd)
+    q = view.preview(odd)
     assert q.encoding == "text" and q.text == "a" + "é" * 255
-    assert store.preview(None).encoding == "none"
+    assert view.preview(None).encoding == "none"
 
 
 # ---------------------------------------------------------------------- export
@@ -213,11 +211,11 @@ def test_export_parquet_and_jsonl_read_back(tmp_path):
     letters = [
         letter(Reason.DECODE_ERROR, T0, 0, value=b"\xff\xfe binary"),
         letter(Reason.OUT_OF_RANGE, T0 + MIN, 1, key=None),
-        store.parse_dead_letter("parse", "t", 0, 2, b"k", b"v", [("x", None)]),
+        read.parse_dead_letter("parse", "t", 0, 2, b"k", b"v", [("x", None)]),
     ]
-    assert store.export(letters, tmp_path / "out.parquet") == 3
+    assert export.export(letters, tmp_path / "out.parquet") == 3
     table = pq.read_table(tmp_path / "out.parquet")
-    assert table.schema.equals(store.parquet_schema())
+    assert table.schema.equals(export.parquet_schema())
     rows = table.to_pylist()
     assert [r["ref"] for r in rows] == ["parse:0:0", "parse:0:1", "parse:0:2"]
     assert rows[0]["value"] == b"\xff\xfe binary" and rows[0]["key"] == b"dev-1"
@@ -230,7 +228,7 @@ def test_export_parquet_and_jsonl_read_back(tmp_path):
     assert {"name": "dlq.reason", "value": b"decode_error"} in rows[0]["headers"]
     assert rows[2]["headers"] == [{"name": "x", "value": None}]
 
-    assert store.export(letters, tmp_path / "out.jsonl") == 3
+    assert export.export(letters, tmp_path / "out.jsonl") == 3
     lines = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert [x["ref"] for x in lines] == ["parse:0:0", "parse:0:1", "parse:0:2"]
     assert base64.b64decode(lines[0]["value_b64"]) == b"\xff\xfe binary"
@@ -244,10 +242,10 @@ def test_export_parquet_and_jsonl_read_back(tmp_path):
 
 
 def test_export_empty_and_bad_extension(tmp_path):
-    assert store.export([], tmp_path / "none.parquet") == 0
+    assert export.export([], tmp_path / "none.parquet") == 0
     assert pq.read_table(tmp_path / "none.parquet").num_rows == 0
     with pytest.raises(ConfigError, match=r"must end in \.parquet or \.jsonl"):
-        store.export([], tmp_path / "x.csv")
+        export.export([], tmp_path / "x.csv")
     assert not (tmp_path / "x.csv").exists()
 
 
@@ -259,11 +257,11 @@ def test_pacer_spaces_calls():
         slept.append(s)
         now[0] += s
 
-    pacer = store.Pacer(4.0, clock=lambda: now[0], sleep=sleep)
+    pacer = redrive.Pacer(4.0, clock=lambda: now[0], sleep=sleep)
     for _ in range(5):
         pacer.wait()
     assert slept == [0.25, 0.25, 0.25, 0.25]
-    unlimited = store.Pacer(None, clock=lambda: now[0], sleep=sleep)
+    unlimited = redrive.Pacer(None, clock=lambda: now[0], sleep=sleep)
     unlimited.wait()
     assert len(slept) == 4
 
@@ -318,7 +316,7 @@ def test_cli_naive_since_mentions_timezone():
 
 
 def test_human_tables_print_dead_letter_text_literally(capsys):
-    from pipeline.cli_common import print_table
+    from pipeline.cli.common import print_table
 
     print_table(["REF", "error"], [["parse:0:1", "[/bold] \x1b[31mred\nline"], ["parse:0:2", None]])
     out = capsys.readouterr().out

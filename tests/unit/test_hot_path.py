@@ -19,10 +19,13 @@ from ulid import ULID
 from dlq import retry
 from dlq.envelope import DeadLetter
 from dlq.reasons import Reason
-from pipeline import bindings, contract, lineage
-from pipeline.kafka import AsyncProducer, Delivered, Deliveries, DeliveryError
+from pipeline import contract
+from pipeline.errors import DeliveryError
+from pipeline.kafka.produce import AsyncProducer, Delivered, Deliveries
+from pipeline.lineage import hops as lineage
+from pipeline.records import InRecord, OutRecord, StageResult
+from pipeline.runtime import binding as bindings
 from pipeline.settings import load_settings
-from stages.model import InRecord, OutRecord, StageResult
 from stages.parse import ParseStage, Reading, decode
 
 PARENT = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
@@ -290,7 +293,7 @@ def _batch() -> tuple[list[InRecord], StageResult, list, Deliveries]:
 
 def test_hops_of_a_batch_expand_to_one_hop_per_record():
     records, result, retries, delivered = _batch()
-    out = lineage.hops("parse", "iot.lineage", records, result, retries, delivered, 77)
+    out = lineage.batch_hops("parse", "iot.lineage", records, result, retries, delivered, 77)
     assert len(out) == 1
     topic, key, value, headers, ts = out[0]
     assert (topic, key, headers, ts) == ("iot.lineage", b"parse/iot.raw/2", [], None)
@@ -317,7 +320,7 @@ def test_hops_of_a_batch_expand_to_one_hop_per_record():
     assert hops["L5"]["out"] == ["iot.parse.dlq", 1, 15]
     assert sorted(hops) == ["L0", "L1", "L2", "L3", "L5"]  # the output without an id: none
     # the same with the topics named by the binding and Delivered objects
-    named = lineage.hops(
+    named = lineage.batch_hops(
         "parse", "iot.lineage", records, result, retries, list(delivered), 77,
         ("iot.parsed", "iot.parse.retry", "iot.parse.dlq"),
     )  # fmt: skip
@@ -335,7 +338,9 @@ def test_counted_hops_and_chunks(monkeypatch):
     monkeypatch.setattr(lineage, "MAX_HOPS", 4)
     records = [InRecord("iot.enriched", 1, i, 0, b"k", b"v", ()) for i in range(10)]
     result = CountedResult(counted=[(i, f"L{i}", ("dev", "temp", 60_000)) for i in range(10)])
-    out = lineage.hops("aggregate", "iot.lineage", records, result, [], Deliveries([], [], []), 5)
+    out = lineage.batch_hops(
+        "aggregate", "iot.lineage", records, result, [], Deliveries([], [], []), 5
+    )
     assert len(out) == 3
     hops = [h for _, _, value, _, _ in out for h in lineage.expand(value)]
     assert [h["id"] for h in hops] == [f"L{i}" for i in range(10)]

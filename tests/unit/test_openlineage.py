@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from pipeline.errors import ConfigError
-from pipeline.openlineage import StageLineage, default_file_path, kafka_namespace
+from pipeline.obs.openlineage import StageLineage, default_file_path, kafka_namespace
 from pipeline.settings import STAGE_IDS, Settings, load_settings
 
 REPO = Path(__file__).resolve().parents[2]

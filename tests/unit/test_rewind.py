@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from pipeline.cli import cli
+from pipeline.cli.main import cli
 from pipeline.errors import ConfigError
-from pipeline.rewind import (
+from pipeline.ops.rewind import (
     Target,
     is_live,
     offset_target,

@@ -2,8 +2,8 @@
 
 import faust
 
-from pipeline.kafka import client_config
-from pipeline.runner import build_app, faust_credentials
+from pipeline.kafka.clients import client_config
+from pipeline.runtime.app import build_app, faust_credentials
 from pipeline.settings import load_settings
 
 SECRET = "s3cr3t-do-not-print"
@@ -68,7 +68,7 @@ def test_an_unknown_security_protocol_is_a_config_error():
 def test_repeated_librdkafka_lines_are_let_through_once_per_interval():
     import logging
 
-    from pipeline.kafka import RepeatFilter
+    from pipeline.kafka.clients import RepeatFilter
 
     gate = RepeatFilter(every_s=60)
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from pipeline.status import (
+from pipeline.ops.status import (
     PARTITION_HEADERS,
     SUMMARY_HEADERS,
     PartitionLag,

@@ -2,7 +2,8 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from pipeline import contract, tracing
+from pipeline import contract
+from pipeline.obs import tracing
 from pipeline.settings import ParseSettings
 from stages.parse import ParseStage
 from tests.unit.records import reading, rec

@@ -1,0 +1,5 @@
+"""``python -m pipeline.cli``: the same as the ``pipeline`` command."""
+
+from pipeline.cli.main import main
+
+main()

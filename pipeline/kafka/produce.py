@@ -1,0 +1,259 @@
+"""confluent-kafka clients built from settings, and broker facts read correctly.
+
+Every Kafka client the project creates gets its connection and security settings
+from :func:`client_config`, so SASL/TLS flow everywhere from one place.
+
+:func:`high_watermarks` reads partition end offsets from a Fetch response rather
+than ListOffsets: the embedded broker answers ListOffsets with the base offset of
+the last batch + 1, not the end (see TEST_BROKER.md); on real Kafka both agree.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+from confluent_kafka import (
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+)
+
+from pipeline.errors import BrokerError, DeliveryError
+
+
+@dataclass(frozen=True, slots=True)
+class Delivered:
+    topic: str
+    partition: int
+    offset: int
+
+
+Outgoing = tuple[str, bytes | None, bytes | None, list[tuple[str, bytes]], int | None]
+
+
+def produce_acked(
+    client: Producer,
+    records: Sequence[Outgoing],
+    what: str,
+    *,
+    partitions: Sequence[int] | None = None,
+    timeout: float = 120.0,
+    pace: Callable[[int], None] | None = None,
+    pace_every: int = 1000,
+    hint: str = "check that the broker is up",
+) -> dict[tuple[str, int], int]:
+    """Produce ``records`` (``partitions[i]`` for record i if given, else by key) and
+    wait until the broker acknowledged every one: the synchronous twin of
+    :meth:`AsyncProducer.send_batch`, for the CLI and the backfill controller.
+
+    Returns one past the highest acknowledged offset per (topic, partition).
+    ``pace(n)`` is called after every ``pace_every`` records (and for the rest at
+    the end), e.g. a rate limiter. Raises BrokerError ``cannot {what}: …; {hint}``
+    if any record was refused or not acknowledged within ``timeout``.
+    """
+    acked: dict[tuple[str, int], int] = {}
+    errors: list[str] = []
+
+    def on_delivery(err: KafkaError | None, msg: Message) -> None:
+        if err is not None:
+            errors.append(f"{msg.topic()}: {err.str()}")
+            return
+        tp = (msg.topic() or "", msg.partition() or 0)
+        end = (msg.offset() or 0) + 1
+        if end > acked.get(tp, 0):
+            acked[tp] = end
+
+    for i, (topic, key, value, headers, ts) in enumerate(records):
+        kwargs: dict[str, Any] = {"headers": headers, "on_delivery": on_delivery}
+        if ts:
+            kwargs["timestamp"] = ts
+        if partitions is not None:
+            kwargs["partition"] = partitions[i]
+        while True:
+            try:
+                client.produce(topic, value, key, **kwargs)
+                break
+            except BufferError:
+                client.poll(0.05)
+            except KafkaException as exc:
+                raise BrokerError(f"cannot {what}: {exc}; {hint}") from None
+        if pace is not None and (i + 1) % pace_every == 0:
+            client.poll(0)
+            pace(pace_every)
+    if pace is not None:
+        pace(len(records) % pace_every)
+    if client.flush(timeout) > 0 or errors:
+        why = (
+            f"{len(errors)} record(s) refused: {errors[0]}"
+            if errors
+            else f"not acknowledged within {timeout:.0f}s"
+        )
+        raise BrokerError(f"cannot {what}: {why}; {hint}")
+    return acked
+
+
+#: a record for a given partition, without headers or timestamp (a changelog write):
+#: ``(topic, partition, key, value)``; a None value is a tombstone
+Partitioned = tuple[str, int, bytes | None, bytes | None]
+
+
+class Deliveries(Sequence[Delivered]):
+    """The broker's acknowledgements of one batch, in the order it was produced.
+
+    Kept as two arrays (``partitions``, ``offsets``) plus the produced records'
+    topics; a :class:`Delivered` is made only when one is asked for.
+    """
+
+    __slots__ = ("_records", "offsets", "partitions")
+
+    def __init__(
+        self,
+        records: Sequence[Outgoing | Partitioned],
+        partitions: list[int],
+        offsets: list[int],
+    ) -> None:
+        self._records = records
+        self.partitions = partitions
+        self.offsets = offsets
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def topic(self, index: int) -> str:
+        return self._records[index][0]
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+        return Delivered(self._records[index][0], self.partitions[index], self.offsets[index])
+
+
+class _Pending:
+    """One batch in flight: the delivery reports of all its records land here.
+
+    ``on_delivery`` is one bound method for the batch; each record's callback is a
+    ``functools.partial`` of it with the record's index (no closure, lock or object
+    per report). Reports are served by the poll thread (and by ``flush`` at close):
+    the completion count is an ``itertools.count``, whose ``next`` is atomic, and
+    the last report resolves the batch's one future on the event loop.
+    """
+
+    __slots__ = ("_count", "_loop", "errors", "future", "offsets", "partitions", "total")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, total: int) -> None:
+        self._loop = loop
+        self.future: asyncio.Future[None] = loop.create_future()
+        self.total = total
+        self._count = itertools.count(1)
+        self.partitions = [0] * total
+        self.offsets = [0] * total
+        self.errors: list[str] = []
+
+    def on_delivery(self, index: int, err: KafkaError | None, msg: Message) -> None:
+        if err is None:
+            self.partitions[index] = msg.partition() or 0
+            self.offsets[index] = msg.offset() or 0
+        else:
+            self.errors.append(f"{msg.topic()}: {err.str()}")
+        if next(self._count) == self.total:
+            self._loop.call_soon_threadsafe(_resolve, self.future)
+
+
+class AsyncProducer:
+    """A confluent-kafka producer whose batches can be awaited until acknowledged.
+
+    ``send_batch`` returns only when every record of the batch is acknowledged by
+    the broker, and raises :class:`DeliveryError` if any failed: callers commit
+    input offsets only after it returns.
+    """
+
+    def __init__(self, producer: Producer) -> None:
+        self._producer = producer
+        self._stop = threading.Event()
+        self._poller = threading.Thread(target=self._poll, name="producer-poll", daemon=True)
+        self._poller.start()
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            self._producer.poll(0.05)
+
+    async def send_batch(
+        self, records: Sequence[Outgoing], partitioned: Sequence[Partitioned] = ()
+    ) -> Deliveries:
+        """Produce ``(topic, key, value, headers, timestamp_ms)`` records, then
+        ``partitioned`` ones, and await them all; the acknowledgements come back in
+        that order."""
+        if not records and not partitioned:
+            return Deliveries(records, [], [])
+        pending = _Pending(asyncio.get_running_loop(), len(records) + len(partitioned))
+        on_delivery = pending.on_delivery
+        produce = self._producer.produce
+        for index, (topic, key, value, headers, ts) in enumerate(records):
+            callback = partial(on_delivery, index)
+            while True:
+                try:
+                    if ts is not None and ts > 0:
+                        produce(
+                            topic,
+                            value,
+                            key,
+                            on_delivery=callback,
+                            timestamp=ts,
+                            headers=headers,  # type: ignore[arg-type]
+                        )
+                    else:
+                        produce(
+                            topic,
+                            value,
+                            key,
+                            on_delivery=callback,
+                            headers=headers,  # type: ignore[arg-type]
+                        )
+                    break
+                except BufferError:
+                    await asyncio.sleep(0.01)
+                except KafkaException as exc:
+                    raise DeliveryError(f"cannot produce to {topic}: {exc}") from exc
+        index = len(records)
+        for topic, partition, key, value in partitioned:
+            while True:
+                try:
+                    produce(topic, value, key, partition, on_delivery=partial(on_delivery, index))
+                    break
+                except BufferError:
+                    await asyncio.sleep(0.01)
+                except KafkaException as exc:
+                    raise DeliveryError(f"cannot produce to {topic}: {exc}") from exc
+            index += 1
+        await pending.future
+        if pending.errors:
+            raise DeliveryError(
+                f"{len(pending.errors)} record(s) not acknowledged: {pending.errors[0]}"
+            )
+        produced: Sequence[Outgoing | Partitioned] = records
+        if partitioned:
+            produced = [*records]
+            produced.extend(partitioned)
+        return Deliveries(produced, pending.partitions, pending.offsets)
+
+    def flush(self, timeout: float = 30.0) -> int:
+        return int(self._producer.flush(timeout))
+
+    def close(self, timeout: float = 30.0) -> None:
+        self.flush(timeout)
+        self._stop.set()
+        self._poller.join(timeout=2)
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)

@@ -1,0 +1,260 @@
+"""Record lineage: every record's hop through every stage, on the lineage topic.
+
+A hop says what one stage did with one record::
+
+    {"id": "01J…", "stage": "parse", "in": ["iot.raw", 2, 1041],
+     "out": ["iot.parsed", 1, 977], "outcome": "passed", "at": 1764400000123}
+
+``outcome`` is one of:
+
+* ``passed``: written to the stage's output (``out``);
+* ``dead_letter``: written to the stage's dead-letter topic (``out``), ``reason`` set;
+* ``retry``: written to the stage's retry topic (``out``), ``reason`` set;
+* ``counted``: the aggregate counted it in ``window`` = [device, metric, start ms];
+  the window's result is the ``iot.aggregates`` record with that key and start.
+
+Exact repeats of a reading share its lineage id; the aggregate drops them without a
+hop (they are counted in ``pipeline_duplicates_dropped_total``).
+
+On the topic, the hops of one batch travel together (format 2): one record per
+batch (per :data:`MAX_HOPS` hops), keyed ``<stage>/<topic>/<partition>`` of the
+batch's input, whose value holds the hops column-wise, one group per outcome::
+
+    {"v": 2, "stage": "parse", "at": 1764400000123, "in": ["iot.raw", 2],
+     "groups": [
+       {"outcome": "passed", "ids": "01J… 01J…", "in_offsets": [1041, 1042],
+        "out": "iot.parsed", "partitions": [1, 3], "offsets": [977, 412]},
+       {"outcome": "dead_letter", "ids": "01J…", "in": [["iot.raw", 2, 1043]],
+        "out": "iot.parse.dlq", "partitions": [0], "offsets": [17],
+        "reasons": ["schema_violation"]},
+       {"outcome": "counted", "ids": "…", "in_offsets": […],
+        "windows": [["dev-1", "temp", 1764399960000], …]}]}
+
+``ids`` are the records' lineage ids separated by a space; the other lists are
+parallel to them. A per-record record (format 1: the hop itself, keyed by its
+lineage id, as stages wrote before) is still read. One record per batch instead of
+one per record per stage halves what a stage produces; :func:`expand` turns a
+value back into hops, and :func:`trace_many` reads the whole lineage topic.
+
+Hops of a batch are produced after its outputs were acknowledged (they carry the
+output offsets) and before the batch is acked, so a committed record always has
+its hop; a crash in between may write a hop twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import orjson
+
+from dlq import retry
+from pipeline import contract
+from pipeline.kafka.produce import Delivered, Deliveries, Outgoing
+from pipeline.records import InRecord, StageResult
+
+PASSED, DEAD_LETTER, RETRY, COUNTED = "passed", "dead_letter", "retry", "counted"
+
+FORMAT = 2
+#: hops per lineage record at most (keeps a record far below Kafka's 1 MB limit)
+MAX_HOPS = 2000
+
+_H_LINEAGE = contract.H_LINEAGE
+
+
+def _lineage(headers: Sequence[tuple[str, bytes | None]]) -> bytes | None:
+    if headers and headers[0][0] == _H_LINEAGE:  # where ingest puts it
+        return headers[0][1]
+    for name, value in headers:
+        if name == _H_LINEAGE:
+            return value
+    return None
+
+
+def _where(delivered: Sequence[Delivered], start: int, stop: int) -> tuple[list[int], list[int]]:
+    """Partitions and offsets of ``delivered[start:stop]``."""
+    if isinstance(delivered, Deliveries):
+        return delivered.partitions[start:stop], delivered.offsets[start:stop]
+    chosen = delivered[start:stop]
+    return [d.partition for d in chosen], [d.offset for d in chosen]
+
+
+def _ids(ids: Iterable[bytes]) -> str:
+    return b" ".join(ids).decode("ascii", "replace")
+
+
+def batch_hops(
+    stage: str,
+    topic: str,
+    records: Sequence[InRecord],
+    result: StageResult,
+    retries: Sequence[Outgoing],
+    delivered: Sequence[Delivered],
+    now_ms: int,
+    out_topics: tuple[str, str, str] | None = None,
+) -> list[Outgoing]:
+    """The hops of one delivered batch: the records (format 2) to produce to ``topic``.
+
+    ``delivered`` is the broker's answer for outputs, then ``retries``, then dead
+    letters, in that order (as :meth:`pipeline.bindings.Binding.deliver` sends them).
+    ``out_topics`` names the output, retry and dead-letter topics (else they are
+    taken from ``delivered``).
+    """
+    if not records:
+        return []
+    in_topic, in_partition = records[0].topic, records[0].partition
+    n_out, n_retry = len(result.outputs), len(retries)
+
+    def out_topic(which: int, index: int) -> str:
+        if out_topics is not None:
+            return out_topics[which]
+        return delivered[index].topic
+
+    groups: list[tuple[str, dict[str, Any], int]] = []  # (outcome, group, size)
+
+    # passed: 1:1 outputs (aggregate results have no source_offset: see ``counted``)
+    ids: list[bytes] = []
+    in_offsets: list[int] = []
+    picked: list[int] | None = None
+    for index, record in enumerate(result.outputs):
+        lineage = _lineage(record.headers)
+        if lineage is None or record.source_offset is None:
+            if picked is None:
+                picked = list(range(index))
+            continue
+        ids.append(lineage)
+        in_offsets.append(record.source_offset)
+        if picked is not None:
+            picked.append(index)
+    if ids:
+        partitions, offsets = _where(delivered, 0, n_out)
+        if picked is not None:
+            partitions = [partitions[i] for i in picked]
+            offsets = [offsets[i] for i in picked]
+        group = {
+            "outcome": PASSED,
+            "ids": _ids(ids),
+            "in_offsets": in_offsets,
+            "out": out_topic(0, 0),
+            "partitions": partitions,
+            "offsets": offsets,
+        }
+        groups.append((PASSED, group, len(ids)))
+
+    def coordinated(
+        outcome: str, which: int, start: int, items: Sequence[tuple[bytes | None, list[Any], str]]
+    ) -> None:
+        kept = [(i, item) for i, item in enumerate(items) if item[0] is not None]
+        if not kept:
+            return
+        partitions, offsets = _where(delivered, start, start + len(items))
+        group = {
+            "outcome": outcome,
+            "ids": _ids(item[0] for _, item in kept),  # type: ignore[misc]
+            "in": [item[1] for _, item in kept],
+            "out": out_topic(which, start),
+            "partitions": [partitions[i] for i, _ in kept],
+            "offsets": [offsets[i] for i, _ in kept],
+            "reasons": [item[2] for _, item in kept],
+        }
+        groups.append((outcome, group, len(kept)))
+
+    if retries:
+        items = []
+        for _, _, _, headers, _ in retries:
+            at = retry.origin(headers, in_topic, in_partition, -1, 0)
+            reason = dict(headers).get(retry.REASON, b"").decode()
+            items.append((_lineage(headers), [at.topic, at.partition, at.offset], reason))
+        coordinated(RETRY, 1, n_out, items)
+    if result.dead:
+        items = [
+            (_lineage(d.headers), [d.topic, d.partition, d.offset], str(d.reason))
+            for d in result.dead
+        ]
+        coordinated(DEAD_LETTER, 2, n_out + n_retry, items)
+    counted = getattr(result, "counted", ())
+    if counted:
+        group = {
+            "outcome": COUNTED,
+            "ids": " ".join([lineage_id for _, lineage_id, _ in counted]),
+            "in_offsets": [offset for offset, _, _ in counted],
+            "windows": [window for _, _, window in counted],
+        }
+        groups.append((COUNTED, group, len(counted)))
+    if not groups:
+        return []
+    key = f"{stage}/{in_topic}/{in_partition}".encode()
+    head = {"v": FORMAT, "stage": stage, "at": now_ms, "in": [in_topic, in_partition]}
+    if sum(size for _, _, size in groups) <= MAX_HOPS:
+        doc = {**head, "groups": [group for _, group, _ in groups]}
+        return [(topic, key, orjson.dumps(doc), [], None)]
+    return [
+        (topic, key, orjson.dumps({**head, "groups": chunk}), [], None)
+        for chunk in _chunks([(group, size) for _, group, size in groups])
+    ]
+
+
+_COLUMNS = ("in_offsets", "in", "partitions", "offsets", "reasons", "windows")
+
+
+def _chunks(groups: list[tuple[dict[str, Any], int]]) -> list[list[dict[str, Any]]]:
+    """Groups split into lists of at most MAX_HOPS hops each."""
+    out: list[list[dict[str, Any]]] = [[]]
+    room = MAX_HOPS
+    for group, size in groups:
+        ids = group["ids"].split(" ")
+        start = 0
+        while start < size:
+            if room == 0:
+                out.append([])
+                room = MAX_HOPS
+            stop = min(size, start + room)
+            part = {k: v for k, v in group.items() if k not in _COLUMNS and k != "ids"}
+            part["ids"] = " ".join(ids[start:stop])
+            for column in _COLUMNS:
+                if column in group:
+                    part[column] = group[column][start:stop]
+            out[-1].append(part)
+            room -= stop - start
+            start = stop
+    return out
+
+
+def expand(value: bytes | None) -> list[dict[str, Any]]:
+    """The hops in one lineage record's value (format 2, or a format-1 hop)."""
+    if not value:
+        return []
+    doc = orjson.loads(value)
+    if not isinstance(doc, dict):
+        return []
+    if doc.get("v") != FORMAT:
+        return [doc] if isinstance(doc.get("id"), str) else []
+    stage, at = doc["stage"], doc["at"]
+    in_topic, in_partition = doc["in"]
+    found: list[dict[str, Any]] = []
+    for group in doc["groups"]:
+        outcome = group["outcome"]
+        ids = group["ids"].split(" ") if group["ids"] else []
+        out = group.get("out")
+        for i, lineage_id in enumerate(ids):
+            if "in" in group:
+                source = group["in"][i]
+            else:
+                source = [in_topic, in_partition, group["in_offsets"][i]]
+            hop: dict[str, Any] = {
+                "id": lineage_id,
+                "stage": stage,
+                "in": source,
+                "out": None if out is None else [out, group["partitions"][i], group["offsets"][i]],
+                "outcome": outcome,
+            }
+            if "reasons" in group:
+                hop["reason"] = group["reasons"][i]
+            if "windows" in group:
+                hop["window"] = group["windows"][i]
+            hop["at"] = at
+            found.append(hop)
+    return found
+
+
+# -- tracing one record ---------------------------------------------------------

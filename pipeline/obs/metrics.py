@@ -1,0 +1,147 @@
+"""Prometheus metrics, declared once. Base units; ``_total`` for counters.
+
+Labels are bounded: ``stage``, ``topic``, ``partition``, ``reason`` — never a
+device id or a payload value.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from pipeline.contract import H_INGEST_TS
+from pipeline.records import InRecord
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+RECORDS_CONSUMED = Counter(
+    "pipeline_records_consumed_total", "Records consumed.", ["stage", "topic"], registry=REGISTRY
+)
+RECORDS_PRODUCED = Counter(
+    "pipeline_records_produced_total",
+    "Records produced and acknowledged.",
+    ["stage", "topic"],
+    registry=REGISTRY,
+)
+DLQ_RECORDS = Counter(
+    "pipeline_dlq_records_total", "Records dead-lettered.", ["stage", "reason"], registry=REGISTRY
+)
+DUPLICATES = Counter(
+    "pipeline_duplicates_dropped_total", "Duplicate readings dropped.", ["stage"], registry=REGISTRY
+)
+RETRIES = Counter("pipeline_retries_total", "Records sent for retry.", ["stage"], registry=REGISTRY)
+WINDOWS_EMITTED = Counter(
+    "pipeline_windows_emitted_total", "Aggregate windows emitted.", ["stage"], registry=REGISTRY
+)
+PROCESSING_SECONDS = Histogram(
+    "pipeline_processing_duration_seconds",
+    "Time to process one batch, outputs acknowledged.",
+    ["stage"],
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+    registry=REGISTRY,
+)
+E2E_LATENCY = Histogram(
+    "pipeline_record_e2e_latency_seconds",
+    "Time from ingest to the end of this stage, of the last record of each batch.",
+    ["stage"],
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
+    registry=REGISTRY,
+)
+LAST_PROCESSED = Gauge(
+    "pipeline_last_record_processed_timestamp_seconds",
+    "Unix time the stage last finished a batch.",
+    ["stage"],
+    registry=REGISTRY,
+)
+
+ASSIGNED_PARTITIONS = Gauge(
+    "pipeline_assigned_partitions",
+    "Input partitions assigned to this worker after the last rebalance.",
+    ["stage"],
+    registry=REGISTRY,
+)
+REBALANCES = Counter(
+    "pipeline_rebalances_total",
+    "Completed rebalances (partitions recovered, worker ready).",
+    ["stage"],
+    registry=REGISTRY,
+)
+
+CONSUMER_LAG = Gauge(
+    "pipeline_consumer_lag_records",
+    "Records in an assigned input partition after the group's committed offset "
+    "(high watermark from the last Fetch response).",
+    ["stage", "topic", "partition"],
+    registry=REGISTRY,
+)
+LATE_READINGS = Counter(
+    "pipeline_late_readings_total",
+    "Readings for windows already emitted (also dead-lettered with reason late).",
+    ["stage"],
+    registry=REGISTRY,
+)
+STAGE_STOPPED = Gauge(
+    "pipeline_stage_stopped",
+    "1 while the stage has stopped consuming because its dead-letter budget was exceeded.",
+    ["stage"],
+    registry=REGISTRY,
+)
+RETRY_WAIT = Gauge(
+    "pipeline_retry_waiting",
+    "1 while the retry agent waits for the next retry to come due.",
+    ["stage"],
+    registry=REGISTRY,
+)
+BACKFILL_DEFERRED = Counter(
+    "pipeline_backfill_deferred_total",
+    "Times the backfill lane was paused because live input was waiting.",
+    ["stage"],
+    registry=REGISTRY,
+)
+#: the backfill controller's (pipeline.backfill, `backfill run --metrics-port`):
+#: ``stage`` is the run's entry stage, ``run`` the run id (one series set per run)
+BACKFILL_CHUNKS = Counter(
+    "pipeline_backfill_chunks_total",
+    "Backfill chunks produced and checkpointed (status=sent), or skipped on resume.",
+    ["stage", "run", "status"],
+    registry=REGISTRY,
+)
+BACKFILL_ROWS = Counter(
+    "pipeline_backfill_rows_total",
+    "Rows the backfill controller produced into its entry stage's topic.",
+    ["stage", "run"],
+    registry=REGISTRY,
+)
+
+
+def batch_done(
+    stage: str,
+    records: Sequence[InRecord],
+    out_topic: str,
+    produced: int,
+    duplicates: int,
+    retries: int,
+    seconds: float,
+) -> None:
+    """Account one delivered batch (records of one partition): a handful of metric
+    updates per batch, none per record (dead letters are counted where they are
+    delivered)."""
+    if records:
+        RECORDS_CONSUMED.labels(stage, records[0].topic).inc(len(records))
+    if produced:
+        RECORDS_PRODUCED.labels(stage, out_topic).inc(produced)
+    if duplicates:
+        DUPLICATES.labels(stage).inc(duplicates)
+    if retries:
+        RETRIES.labels(stage).inc(retries)
+    PROCESSING_SECONDS.labels(stage).observe(seconds)
+    now = time.time()
+    LAST_PROCESSED.labels(stage).set(now)
+    if records:
+        for name, value in records[-1].headers:
+            if name == H_INGEST_TS:
+                if value.isdigit():
+                    E2E_LATENCY.labels(stage).observe(max(0.0, now - int(value) / 1000))
+                break
