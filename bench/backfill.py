@@ -54,9 +54,10 @@ from run import (  # the e2e bench's pieces: workers, latency reader, live produ
 
 from pipeline.demo.registry import publish_registry
 from pipeline.kafka.embedded import start_embedded
-from pipeline.settings import STAGE_IDS
 from stages.enrich import read_registry_csv
 from stages.parse import decode
+
+STAGE_IDS = ("ingest", "parse", "enrich", "aggregate")  # the built-in pipeline
 
 COLUMNS = ("device_id", "ts", "seq", "metric", "value", "unit")
 
@@ -151,7 +152,10 @@ def main() -> int:
         write_parquet(data, args.rows)
         ns = argparse.Namespace(profile=False, out=args.out)
         ctx = Context(ns, workdir, broker.bootstrap, broker_pid(), settings, config)
-        extra = {"PIPELINE_AGGREGATE__WINDOW_S": "10", "PIPELINE_AGGREGATE__IDLE_TIMEOUT_S": "2"}
+        extra = {
+            "PIPELINE_STAGES__AGGREGATE__CONFIG__WINDOW_S": "10",
+            "PIPELINE_STAGES__AGGREGATE__IDLE_TIMEOUT_S": "2",
+        }
         workers = {s: start_worker(ctx, s, config, f"bf-{s}", extra) for s in STAGE_IDS}
         children = [c for c, _ in workers.values()]
         wait_until(

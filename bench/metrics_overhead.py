@@ -3,7 +3,7 @@
 Times, on the same 2000-record batches of simulated raw records, alternating in
 rounds so machine noise hits all variants alike:
 
-* ``bare``: ``ParseStage.process`` alone;
+* ``bare``: the parse stage's engine alone;
 * ``metrics``: plus the per-batch metric updates every worker makes
   (:func:`pipeline.metrics.batch_done` and the dead-letter counters);
 * ``metrics+lineage``: plus building the batch's lineage hop records (format 2, one
@@ -22,29 +22,29 @@ import time
 from pathlib import Path
 
 from pipeline.demo.simulator import generate
-from pipeline.kafka.produce import Deliveries
+from pipeline.engine.build import build_engine, load_stage
+from pipeline.engine.result import BatchResult
 from pipeline.lineage import hops as lineage
 from pipeline.obs import metrics
-from pipeline.records import InRecord, StageResult
+from pipeline.records import Deliveries, Record
 from pipeline.settings import load_settings
-from stages.ingest import IngestStage
-from stages.parse import ParseStage
 
 BATCH = 2000
 
 
-def raw_batch(settings) -> list[InRecord]:
+def raw_batch(settings) -> list[Record]:
     """Ingest's output for a batch of simulated landing records, as parse sees it."""
     start = int(time.time() * 1000) - 3_600_000
     landing = [
-        InRecord("iot.landing", 0, i, start + i, r.key, r.value, ())
+        Record("iot.landing", 0, i, start + i, r.key, r.value, ())
         for i, r in enumerate(
             generate(50, BATCH, start_ms=start, bad_ratio=0.01, dup_ratio=0.0, seed=7)
         )
     ]
-    ingested = IngestStage(settings.ingest).process(landing)
+    ingest = build_engine("ingest", settings.stages["ingest"], load_stage(settings, "ingest"))
+    ingested = ingest.process(0, landing)
     return [
-        InRecord("iot.raw", 0, i, o.timestamp_ms or 0, o.key, o.value, tuple(o.headers))
+        Record("iot.raw", 0, i, o.timestamp_ms or 0, o.key, o.value, tuple(o.headers))
         for i, o in enumerate(ingested.outputs)
     ]
 
@@ -54,19 +54,24 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=30)
     args = parser.parse_args()
     settings = load_settings()
-    stage = ParseStage(settings.parse)
+    stage = build_engine("parse", settings.stages["parse"], load_stage(settings, "parse"))
     batch = raw_batch(settings)
 
     def bare() -> None:
-        stage.process(batch)
+        stage.process(0, batch)
 
-    def with_metrics() -> StageResult:
+    def with_metrics() -> BatchResult:
         t0 = time.perf_counter()
-        result = stage.process(batch)
+        result: BatchResult = stage.process(0, batch)
         for dead in result.dead:
             metrics.DLQ_RECORDS.labels("parse", str(dead.reason)).inc()
         metrics.batch_done(
-            "parse", batch, "iot.parsed", len(result.outputs), 0, 0, time.perf_counter() - t0
+            "parse",
+            batch,
+            {"iot.parsed": len(result.outputs)},
+            0,
+            0,
+            time.perf_counter() - t0,
         )
         return result
 
@@ -74,8 +79,10 @@ def main() -> None:
         result = with_metrics()
         n = len(result.outputs) + len(result.dead)  # acknowledgements as the producer keeps them
         delivered = Deliveries([("iot.parsed", None, None, [], None)] * n, [0] * n, list(range(n)))
-        topics = ("iot.parsed", "iot.parse.retry", "iot.parse.dlq")
-        lineage.hops("parse", "iot.lineage", batch, result, [], delivered, 0, topics)
+        topics = ["iot.parsed"] * len(result.outputs)
+        lineage.batch_hops(
+            "parse", "iot.lineage", batch, result, [], delivered, 0, topics, "", "iot.parse.dlq"
+        )
 
     variants = {"bare": bare, "metrics": with_metrics, "metrics+lineage": with_lineage}
     times: dict[str, list[float]] = {name: [] for name in variants}

@@ -11,7 +11,7 @@ the lineage headers):
   prefix of the records: it is slow); each its own process (``bench/paths.py``);
 * each stage alone: ``pipeline run STAGE`` as a subprocess on an isolated config
   (its own topics and groups), its input pre-filled: ingest on the landing
-  records, parse on the raw records (made in-process with ``IngestStage``),
+  records, parse on the raw records (made in-process by ingest's engine),
   enrich on parse's output (registry published), aggregate on enrich's output;
 * the four stages end to end, each its own worker: the sustained rate on a
   backlog of the same records, then p50/p99 latency at 50 % of that rate (from
@@ -66,14 +66,16 @@ from confluent_kafka import Consumer, KafkaError, TopicPartition
 
 from pipeline.demo.registry import publish_registry
 from pipeline.demo.simulator import SimRecord, generate, metric_of
+from pipeline.engine.build import build_engine, load_stage
 from pipeline.kafka.clients import admin, client_config, producer
 from pipeline.kafka.embedded import BrokerHandle, free_port, start_embedded
 from pipeline.kafka.offsets import committed_offsets, group_lag, high_watermarks, read_topic
 from pipeline.kafka.topics import check_topics, create_topics
-from pipeline.records import InRecord
-from pipeline.settings import STAGE_IDS, Settings, load_settings, namespaced
+from pipeline.records import Record
+from pipeline.settings import Settings, load_settings, namespaced
 from stages.enrich import read_registry_csv
-from stages.ingest import IngestStage
+
+STAGE_IDS = ("ingest", "parse", "enrich", "aggregate")  # the built-in pipeline
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -235,16 +237,16 @@ Outgoing = tuple[bytes | None, bytes, list[tuple[str, bytes]] | None, int | None
 
 
 def ingested(settings: Settings, records: list[SimRecord], landing: str) -> list[Outgoing]:
-    """What ingest writes to the raw topic for ``records`` (IngestStage in-process)."""
-    stage = IngestStage(settings.ingest)
+    """What ingest writes to the raw topic for ``records`` (its engine, in-process)."""
+    stage = build_engine("ingest", settings.stages["ingest"], load_stage(settings, "ingest"))
     now = int(time.time() * 1000)
     out: list[Outgoing] = []
     for first in range(0, len(records), 2000):
         batch = [
-            InRecord(landing, 0, i, now, r.key, r.value, ())
+            Record(landing, 0, i, now, r.key, r.value, ())
             for i, r in enumerate(records[first : first + 2000], start=first)
         ]
-        result = stage.process(batch)
+        result = stage.process(0, batch)
         if result.dead or result.duplicates:
             raise BenchError("in-process ingest rejected simulated records")
         out += [(o.key, o.value, o.headers, o.timestamp_ms) for o in result.outputs]
@@ -781,9 +783,9 @@ def run_e2e(ctx: Context, records: list[SimRecord]) -> dict[str, Any]:
     publish_registry(settings, devices)
     window_s = 10
     extra = {
-        "PIPELINE_AGGREGATE__WINDOW_S": str(window_s),
-        "PIPELINE_AGGREGATE__ALLOWED_LATENESS_S": "2",
-        "PIPELINE_AGGREGATE__IDLE_TIMEOUT_S": "2",
+        "PIPELINE_STAGES__AGGREGATE__CONFIG__WINDOW_S": str(window_s),
+        "PIPELINE_STAGES__AGGREGATE__CONFIG__ALLOWED_LATENESS_S": "2",
+        "PIPELINE_STAGES__AGGREGATE__IDLE_TIMEOUT_S": "2",
     }
     workers: dict[str, tuple[Child, int]] = {}
     for stage in STAGE_IDS:

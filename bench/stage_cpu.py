@@ -1,8 +1,8 @@
 """CPU per record of a stage's hot path, per batch, against a real (embedded) broker.
 
 What a stage worker does with one fetched partition batch, minus Faust and the
-aiokafka fetch: turn the fetched records into :class:`InRecord` (``to_in_record``),
-then :meth:`Binding.handle` — run the stage, produce the outputs and dead letters
+aiokafka fetch: turn the fetched records into :class:`Record` (``to_record``),
+then :meth:`StageBinding.handle` — run the stage, produce the outputs and dead letters
 with the stage's ``AsyncProducer`` and await every acknowledgement, produce the
 lineage hops and await them, update the metrics. CPU is the process's user+system
 time over all its threads (librdkafka's too), so it is much less noisy than wall
@@ -32,26 +32,26 @@ import yaml
 from aiokafka.structs import ConsumerRecord
 
 from pipeline.demo.simulator import generate
+from pipeline.engine.build import build_engine, load_stage
 from pipeline.kafka.clients import admin, producer
 from pipeline.kafka.embedded import start_embedded
 from pipeline.kafka.produce import AsyncProducer
 from pipeline.kafka.topics import check_topics, create_topics
-from pipeline.records import InRecord
+from pipeline.records import Record
 from pipeline.runtime.app import build_app
 from pipeline.settings import load_settings, namespaced
-from stages.ingest import IngestStage
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def landing_records(n: int, topic: str) -> list[InRecord]:
+def landing_records(n: int, topic: str) -> list[Record]:
     start = int(time.time() * 1000) - 3_600_000 - n * 20
     sims = generate(50, n, start_ms=start, bad_ratio=0.01, dup_ratio=0.0, seed=7)
-    return [InRecord(topic, 0, i, start + i, r.key, r.value, ()) for i, r in enumerate(sims)]
+    return [Record(topic, 0, i, start + i, r.key, r.value, ()) for i, r in enumerate(sims)]
 
 
-def fetched(records: list[InRecord]) -> list[Any]:
+def fetched(records: list[Record]) -> list[Any]:
     """``records`` as aiokafka hands them to the transport."""
     return [
         ConsumerRecord(
@@ -79,22 +79,25 @@ async def measure(
     gc_mode: str,
     overrides: dict[str, str],
 ) -> dict[str, Any]:
-    from pipeline.runtime.binding import to_in_record
+    from pipeline.runtime.binding import to_record
 
     _app, binding = build_app(settings, stage)  # the app makes the heap a worker has
     if overrides:
-        binding._producer = AsyncProducer(producer(settings, **overrides))
+        binding.runner.producer = AsyncProducer(producer(settings, **overrides))
     in_topic = settings.stages[stage].inputs[0]
     # distinct records in every round: ingest drops repeats
     landing = landing_records(batch_size * (rounds + 1), settings.stages["ingest"].inputs[0])
     if stage == "ingest":
         records = [
-            InRecord(in_topic, 0, r.offset, r.timestamp_ms, r.key, r.value, ()) for r in landing
+            Record(in_topic, 0, r.offset, r.timestamp_ms, r.key, r.value, ()) for r in landing
         ]
     elif stage == "parse":
-        out = IngestStage(settings.ingest).process(landing).outputs
+        ingest_engine = build_engine(
+            "ingest", settings.stages["ingest"], load_stage(settings, "ingest")
+        )
+        out = ingest_engine.process(0, landing).outputs
         records = [
-            InRecord(in_topic, 0, i, o.timestamp_ms or 0, o.key, o.value, tuple(o.headers))
+            Record(in_topic, 0, i, o.timestamp_ms or 0, o.key, o.value, tuple(o.headers))
             for i, o in enumerate(out)
         ]
     else:
@@ -106,14 +109,14 @@ async def measure(
         gc.set_threshold(700, 10, 10)
     elif gc_mode == "off":
         gc.disable()
-    await binding.handle(0, [to_in_record(r) for r in batches[0]])  # warm up, connect
+    await binding.handle(0, [to_record(r) for r in batches[0]])  # warm up, connect
     cpu: list[float] = []
     wall: list[float] = []
     gcs = [0, 0, 0]
     for raw in batches[1 : rounds + 1]:
         before = [s["collections"] for s in gc.get_stats()]
         c0, w0 = time.process_time(), time.perf_counter()
-        await binding.handle(0, [to_in_record(r) for r in raw])
+        await binding.handle(0, [to_record(r) for r in raw])
         c1, w1 = time.process_time(), time.perf_counter()
         cpu.append((c1 - c0) / len(raw) * 1e6)
         wall.append((w1 - w0) / len(raw) * 1e6)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dlq.reasons import Reason
 from dlq.retry import PREFIX as RETRY_PREFIX
 
 PREFIX = "dlq."
@@ -40,7 +39,7 @@ class DeadLetter:
     """A record that a stage could not process, with why."""
 
     stage: str
-    reason: Reason
+    reason: str
     error_class: str
     error_message: str
     key: bytes | None
@@ -64,7 +63,7 @@ class DeadLetter:
         message = self.error_message[:_MAX_MESSAGE]
         kept += [
             (STAGE, self.stage.encode()),
-            (REASON, str(self.reason).encode()),
+            (REASON, self.reason.encode()),
             (ERROR_CLASS, self.error_class.encode()),
             (ERROR_MESSAGE, message.encode("utf-8", "replace")),
             (ORIGINAL_TOPIC, self.topic.encode()),

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,17 +30,15 @@ from confluent_kafka import (
 from confluent_kafka.admin import AdminClient
 
 from dlq import envelope
-from dlq.reasons import Reason
 from pipeline.errors import BrokerError, ConfigError, PipelineError
 from pipeline.kafka.clients import admin, client_config, consumer
 from pipeline.kafka.offsets import committed_offsets, high_watermarks
-from pipeline.settings import STAGE_IDS, Settings
+from pipeline.settings import Settings
+from pipeline.stage import REASON_CODE
 from pipeline.timeparse import parse_instant, to_ms
 
-#: The reason shown for a dead letter whose ``dlq.reason`` is missing or unknown.
-
+#: The reason shown for a dead letter whose ``dlq.reason`` is missing or malformed.
 UNKNOWN_REASON = "?"
-REASONS: tuple[str, ...] = tuple(str(r) for r in Reason)
 
 Header = tuple[str, bytes | None]
 
@@ -63,10 +61,10 @@ class Ref:
         return f"{self.stage}:{self.partition}:{self.offset}"
 
 
-_REF = re.compile(r"([a-z_]+):(\d{1,9}):(\d{1,19})")
+_REF = re.compile(r"([a-z][a-z0-9-]*):(\d{1,9}):(\d{1,19})")
 
 
-def parse_ref(text: str) -> Ref:
+def parse_ref(text: str, stage_ids: Sequence[str]) -> Ref:
     """``parse:0:17`` → Ref; ConfigError (one line) for anything else."""
     match = _REF.fullmatch(text.strip())
     if match is None:
@@ -75,10 +73,10 @@ def parse_ref(text: str) -> Ref:
             "e.g. parse:0:17"
         )
     stage = match.group(1)
-    if stage not in STAGE_IDS:
+    if stage not in stage_ids:
         raise ConfigError(
             f"bad dead-letter reference {text!r}: unknown stage {stage!r}; "
-            f"choose one of: {', '.join(STAGE_IDS)}"
+            f"choose one of: {', '.join(stage_ids)}"
         )
     return Ref(stage, int(match.group(2)), int(match.group(3)))
 
@@ -95,7 +93,7 @@ class StoredDeadLetter:
     partition: int
     offset: int
     timestamp_ms: int | None  # the dead-letter record's own timestamp
-    reason: str  # a Reason value, or "?"
+    reason: str  # a reason code (dlq.reasons), or "?"
     error_class: str | None
     error_message: str | None
     original_topic: str | None
@@ -172,8 +170,8 @@ def parse_dead_letter(
         return number
 
     reason = text(envelope.REASON)
-    if reason is not None and reason not in REASONS:
-        problems.append(f"{envelope.REASON} {reason[:40]!r} is not a known reason")
+    if reason is not None and not REASON_CODE.match(reason):
+        problems.append(f"{envelope.REASON} {reason[:40]!r} is not a reason code")
         reason = None
     text(envelope.STAGE)  # the stage comes from the topic; a missing header is a problem
     error_class = text(envelope.ERROR_CLASS)
@@ -247,23 +245,27 @@ class Filters:
                     return
 
 
-def parse_stages(values: Iterable[str]) -> tuple[str, ...]:
+def parse_stages(values: Iterable[str], stage_ids: Sequence[str]) -> tuple[str, ...]:
     """Stage ids in pipeline order (all stages when none are given)."""
     chosen = list(dict.fromkeys(values))
-    unknown = [s for s in chosen if s not in STAGE_IDS]
+    unknown = [s for s in chosen if s not in stage_ids]
     if unknown:
-        raise ConfigError(f"unknown stage {unknown[0]!r}; choose one of: {', '.join(STAGE_IDS)}")
-    return tuple(s for s in STAGE_IDS if s in chosen) if chosen else STAGE_IDS
+        raise ConfigError(f"unknown stage {unknown[0]!r}; choose one of: {', '.join(stage_ids)}")
+    return tuple(s for s in stage_ids if s in chosen) if chosen else tuple(stage_ids)
 
 
-def parse_reasons(values: Iterable[str]) -> frozenset[str]:
-    """Reason codes, checked against :class:`dlq.reasons.Reason` ("?": malformed ones)."""
+def parse_reasons(values: Iterable[str], known: Collection[str] | None = None) -> frozenset[str]:
+    """Reason codes, checked against ``known`` (the chosen stages' declared reasons)
+    when it is given, else only for their form (snake_case); "?": malformed ones."""
     chosen = frozenset(values)
-    unknown = sorted(chosen - set(REASONS) - {UNKNOWN_REASON})
-    if unknown:
+    bad = sorted(r for r in chosen if r != UNKNOWN_REASON and not REASON_CODE.match(r))
+    if known is not None:
+        bad = sorted(r for r in chosen if r != UNKNOWN_REASON and r not in known)
+    if bad:
+        choose = f"choose from: {', '.join(known)}" if known is not None else "a snake_case code"
         raise ConfigError(
-            f"unknown reason {unknown[0]!r}; choose from: {', '.join(REASONS)} "
-            f"(or {UNKNOWN_REASON!r} for malformed dead letters)"
+            f"unknown reason {bad[0]!r}; {choose} (or {UNKNOWN_REASON!r} for malformed "
+            "dead letters)"
         )
     return chosen
 
@@ -273,9 +275,10 @@ def make_filters(
     since: str | None = None,
     until: str | None = None,
     limit: int | None = None,
+    known: Collection[str] | None = None,
 ) -> Filters:
     """Filters from command-line text; ConfigError (one line) when any part is wrong."""
-    chosen = parse_reasons(reasons)
+    chosen = parse_reasons(reasons, known)
     since_ms = to_ms(parse_instant(since, "--since")) if since is not None else None
     until_ms = to_ms(parse_instant(until, "--until")) if until is not None else None
     if since_ms is not None and until_ms is not None and since_ms >= until_ms:
@@ -312,7 +315,7 @@ def topic_partitions(client: AdminClient, topic: str) -> list[int]:
 
 
 def _owners(settings: Settings, topic: str) -> list[str]:
-    return [s for s in STAGE_IDS if settings.stages[s].dlq == topic]
+    return [s for s in settings.stage_ids if settings.stages[s].dlq == topic]
 
 
 class Reader:

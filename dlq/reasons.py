@@ -1,34 +1,31 @@
-"""The closed set of dead-letter reason codes.
+"""Dead-letter reason codes.
 
-==================  ========  ====================================================
-reason              stage     meaning
-==================  ========  ====================================================
-``too_large``       ingest    payload over ``ingest.max_payload_bytes``
-``empty``           ingest    empty payload
-``decode_error``    parse     not UTF-8 JSON object / CSV line of six fields
-``schema_violation`` parse    a field is missing, has the wrong type, or is empty
-``out_of_range``    parse     ts outside sane bounds, value outside a metric's range
-``unknown_device``  enrich    device_id not in the registry after every retry
-                              (``stages.enrich.retry.max_attempts``)
-``late``            aggregate reading for a window that was already emitted
-                              and is no longer remembered as counting it
-==================  ========  ====================================================
+A reason is a short ``snake_case`` code that says why a record is a dead letter;
+it is the ``dlq.reason`` header and the ``reason`` label of
+``pipeline_dlq_records_total``. Each stage declares the codes it raises
+(``@stage(reasons={code: meaning})``), which keeps the label's values bounded; the
+framework's own, below, are declared for every stage.
 
-Not dead letters: a repeat of a reading already counted (same lineage id) is
+Not dead letters: a repeat of a record already handled (same lineage id) is
 dropped and counted in ``pipeline_duplicates_dropped_total``; a record that may
 succeed later waits in the stage's retry topic (:mod:`dlq.retry`).
 """
 
 from __future__ import annotations
 
-from enum import StrEnum
+from types import MappingProxyType
 
+PROCESSING_ERROR = "processing_error"
+UNWRITABLE = "unwritable"
+LATE = "late"
+DECODE_ERROR = "decode_error"
 
-class Reason(StrEnum):
-    TOO_LARGE = "too_large"
-    EMPTY = "empty"
-    DECODE_ERROR = "decode_error"
-    SCHEMA_VIOLATION = "schema_violation"
-    OUT_OF_RANGE = "out_of_range"
-    UNKNOWN_DEVICE = "unknown_device"
-    LATE = "late"
+#: the framework's reasons, declared for every stage
+FRAMEWORK = MappingProxyType(
+    {
+        PROCESSING_ERROR: "stage code raised an unexpected exception (on_error: dead_letter)",
+        UNWRITABLE: "the broker refused the record for good (too large, invalid)",
+        LATE: "for state already emitted: a closed event-time window, or an ended backfill lane",
+        DECODE_ERROR: "not the payload the stage reads (not JSON, not UTF-8)",
+    }
+)

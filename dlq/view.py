@@ -17,12 +17,11 @@ is wrong. Nothing here lets one odd record stop a command.
 from __future__ import annotations
 
 import base64
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from dlq.read import REASONS, StoredDeadLetter
-from pipeline.settings import STAGE_IDS
+from dlq.read import UNKNOWN_REASON, StoredDeadLetter
 from pipeline.timeparse import from_ms
 
 PREVIEW_BYTES = 512
@@ -38,8 +37,11 @@ class SummaryRow:
     max_replay_count: int
 
 
-def summarize(letters: Iterable[StoredDeadLetter]) -> list[SummaryRow]:
-    """Counts by stage and reason with the oldest and newest failed-at (stage order)."""
+def summarize(
+    letters: Iterable[StoredDeadLetter], stage_ids: Sequence[str] = ()
+) -> list[SummaryRow]:
+    """Counts by stage and reason with the oldest and newest failed-at, in stage order
+    (``stage_ids``), then by reason ("?", malformed, last)."""
     acc: dict[tuple[str, str], list[Any]] = {}
     for letter in letters:
         row = acc.setdefault((letter.stage, letter.reason), [0, None, None, 0])
@@ -50,10 +52,10 @@ def summarize(letters: Iterable[StoredDeadLetter]) -> list[SummaryRow]:
             row[2] = at if row[2] is None else max(row[2], at)
         row[3] = max(row[3], letter.replay_count)
 
-    def order(key: tuple[str, str]) -> tuple[int, int, str]:
+    def order(key: tuple[str, str]) -> tuple[int, bool, str]:
         stage, reason = key
-        rank = REASONS.index(reason) if reason in REASONS else len(REASONS)
-        return (STAGE_IDS.index(stage) if stage in STAGE_IDS else len(STAGE_IDS), rank, stage)
+        at = stage_ids.index(stage) if stage in stage_ids else len(stage_ids)
+        return (at, reason == UNKNOWN_REASON, reason)
 
     return [SummaryRow(s, r, *acc[(s, r)]) for s, r in sorted(acc, key=order)]
 

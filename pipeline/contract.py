@@ -7,8 +7,11 @@ Topics carry bytes. Headers carry what every stage needs without decoding the bo
 ``traceparent`` W3C trace context; each stage writes a child of its input's
 ``source``      ``live`` or ``backfill:<run-id>``
 ``schema``      payload schema and version, e.g. ``reading/1``
-``ingest-ts``   wall-clock milliseconds when ingest accepted the record
+``ingest-ts``   wall-clock milliseconds when the record entered the pipeline
 =============  ==============================================================
+
+and, where they apply, ``lineage-parent`` (a fan-out's child: its parent's id) and
+``state-ref`` (an output made from state, e.g. a window: which one).
 
 Lineage ids are *derived*, not random: the same reading (device, seq, ts) always
 gets the same id, so a record re-delivered after a crash, or sent twice by a
@@ -29,6 +32,11 @@ H_TRACEPARENT = "traceparent"
 H_SOURCE = "source"
 H_SCHEMA = "schema"
 H_INGEST_TS = "ingest-ts"
+#: on one of several outputs a stage made of one record: the input's lineage id
+H_LINEAGE_PARENT = "lineage-parent"
+#: on an output made from state: the state it came from (e.g. a window's key and
+#: start), as a JSON array; a ``counted`` lineage hop names the same
+H_STATE_REF = "state-ref"
 
 SCHEMA_RAW = "raw/1"
 SCHEMA_READING = "reading/1"

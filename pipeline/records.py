@@ -1,17 +1,36 @@
-"""Records as stages see them, and what a stage returns."""
+"""Records: what a stage reads (:class:`Record`) and what it asks to write (:class:`Emit`).
+
+A :class:`Record` is one consumed Kafka record, bytes and coordinates, nothing
+decoded: a stage decodes what it needs (``record.json()``), so a bad payload is
+the stage's to judge (a dead letter with a reason), never a record silently
+skipped by a deserializer.
+
+An :class:`Emit` is one record a stage wants written. The engine turns it into an
+:class:`OutRecord` with the message contract's headers (:mod:`pipeline.contract`):
+the input's lineage id, a child ``traceparent``, ``source``, and ``schema`` when the
+emit names one. :class:`OutRecord` is the engine's form; a batch stage on a hot path
+may build it directly (``out.append``), headers included.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
-from dlq import retry
-from dlq.envelope import DeadLetter
-from dlq.reasons import Reason
-from pipeline.errors import InvalidMessage, RetryableError
+import orjson
+
+from pipeline.contract import H_LINEAGE, H_SOURCE, SOURCE_LIVE
+from pipeline.errors import InvalidMessage
+
+#: the framework's reason for a payload that is not what ``json()``/``text()`` expect
+DECODE_ERROR = "decode_error"
+
+HeaderPairs = tuple[tuple[str, bytes], ...]
 
 
 @dataclass(frozen=True, slots=True)
-class InRecord:
+class Record:
     """One consumed record: bytes and coordinates, nothing decoded."""
 
     topic: str
@@ -20,56 +39,153 @@ class InRecord:
     timestamp_ms: int
     key: bytes | None
     value: bytes | None
-    headers: tuple[tuple[str, bytes], ...] = ()
+    headers: HeaderPairs = ()
+
+    def header(self, name: str) -> bytes | None:
+        """The last value of header ``name``, or None."""
+        found = None
+        for key, value in self.headers:
+            if key == name:
+                found = value
+        return found
+
+    @property
+    def lineage_id(self) -> str | None:
+        """The ``lineage-id`` header (a ULID), assigned where the record entered."""
+        raw = self.header(H_LINEAGE)
+        return raw.decode("ascii", "replace") if raw else None
+
+    @property
+    def source(self) -> str:
+        """``live``, or ``backfill:<run-id>`` for a record a backfill run sent."""
+        raw = self.header(H_SOURCE)
+        return raw.decode("utf-8", "replace") if raw else SOURCE_LIVE
+
+    def json(self) -> Any:
+        """The value parsed as JSON; :class:`InvalidMessage` (``decode_error``) if it
+        is empty or not JSON."""
+        if not self.value:
+            raise InvalidMessage(DECODE_ERROR, "empty payload")
+        try:
+            return orjson.loads(self.value)
+        except orjson.JSONDecodeError as exc:
+            raise InvalidMessage(DECODE_ERROR, f"invalid JSON: {exc}") from None
+
+    def text(self) -> str:
+        """The value as UTF-8 text; :class:`InvalidMessage` (``decode_error``) if it is
+        not."""
+        try:
+            return (self.value or b"").decode("utf-8")
+        except UnicodeDecodeError:
+            raise InvalidMessage(DECODE_ERROR, "payload is not UTF-8 text") from None
+
+
+HeadersIn = Mapping[str, bytes | str] | Sequence[tuple[str, bytes | str]]
+
+
+@dataclass(slots=True)
+class Emit:
+    """One record a stage wants written.
+
+    ``key``/``value``: bytes as they are; ``str`` is UTF-8 encoded; any other value
+    (a dict, a list, a number) is written as JSON. ``headers`` are added to (and
+    override) the ones the contract carries over from the input. ``topic`` routes
+    the record to one of the stage's declared ``outputs`` (default: the first).
+    ``timestamp_ms`` defaults to the input's timestamp.
+    """
+
+    key: Any
+    value: Any
+    headers: HeadersIn | None = None
+    timestamp_ms: int | None = None
+    schema: str | None = None
+    topic: str | None = None
 
 
 @dataclass(slots=True)
 class OutRecord:
-    """One record to produce to the stage's output topic (keyed by device id)."""
+    """One record to produce, in the engine's form: bytes and final headers."""
 
     key: bytes | None
-    value: bytes
+    value: bytes | None
     headers: list[tuple[str, bytes]]
     timestamp_ms: int | None = None
-    #: offset of the input record it was made from (1:1 stages), for lineage hops
+    #: offset of the input record it was made from, for lineage hops (None: made
+    #: from state, e.g. a closed window)
     source_offset: int | None = None
+    #: one of the stage's outputs; None: its default output
+    topic: str | None = None
 
 
-@dataclass(slots=True)
-class StageResult:
-    """What a stage made of a batch. Every input is accounted for:
-    ``len(inputs) == outputs_from_inputs + len(dead) + duplicates`` for 1:1 stages."""
+def to_bytes(value: Any) -> bytes | None:
+    """An emitted key or value as bytes: bytes as they are, str as UTF-8, None as
+    None, anything else as JSON."""
+    if value is None or isinstance(value, bytes):
+        return value
+    if isinstance(value, str):
+        return value.encode("utf-8")
+    if isinstance(value, bytearray | memoryview):
+        return bytes(value)
+    return orjson.dumps(value)
 
-    outputs: list[OutRecord] = field(default_factory=list)
-    dead: list[DeadLetter] = field(default_factory=list)
-    duplicates: int = 0
-    #: records that may succeed later; the runner retries or dead-letters them
-    retryable: list[tuple[InRecord, RetryableError]] = field(default_factory=list)
-    #: offsets (in the consumed topic) of the records in ``dead``
-    rejected_offsets: list[int] = field(default_factory=list)
 
-    def reject(self, stage: str, record: InRecord, exc: InvalidMessage | RetryableError) -> None:
-        """Dead-letter ``record`` (InvalidMessage, or a RetryableError out of attempts).
+def header_pairs(headers: HeadersIn | None) -> list[tuple[str, bytes]]:
+    """Emit headers as ``(name, bytes)`` pairs."""
+    if not headers:
+        return []
+    items = headers.items() if isinstance(headers, Mapping) else headers
+    return [(str(k), v if isinstance(v, bytes) else str(v).encode("utf-8")) for k, v in items]
 
-        A record that came back from the retry topic keeps its first coordinates
-        and counts this attempt in ``dlq.attempts``."""
-        at = retry.origin(
-            record.headers, record.topic, record.partition, record.offset, record.timestamp_ms
-        )
-        self.dead.append(
-            DeadLetter(
-                stage=stage,
-                reason=Reason(exc.reason),
-                error_class=type(exc).__name__,
-                error_message=str(exc),
-                key=record.key,
-                value=record.value,
-                headers=record.headers,
-                topic=at.topic,
-                partition=at.partition,
-                offset=at.offset,
-                timestamp_ms=at.timestamp_ms,
-                attempts=retry.attempts(record.headers) + 1,
-            )
-        )
-        self.rejected_offsets.append(record.offset)
+
+# -- what is produced, and what the broker answered ---------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Delivered:
+    """Where the broker put one produced record."""
+
+    topic: str
+    partition: int
+    offset: int
+
+
+#: a record to produce: ``(topic, key, value, headers, timestamp_ms)``
+Outgoing = tuple[str, bytes | None, bytes | None, list[tuple[str, bytes]], int | None]
+
+
+#: a record for a given partition, without headers or timestamp (a changelog write):
+#: ``(topic, partition, key, value)``; a None value is a tombstone
+Partitioned = tuple[str, int, bytes | None, bytes | None]
+
+
+class Deliveries(Sequence[Delivered]):
+    """The broker's acknowledgements of one batch, in the order it was produced.
+
+    Kept as two arrays (``partitions``, ``offsets``) plus the produced records'
+    topics; a :class:`Delivered` is made only when one is asked for.
+    """
+
+    __slots__ = ("_records", "offsets", "partitions")
+
+    def __init__(
+        self,
+        records: Sequence[Outgoing | Partitioned],
+        partitions: list[int],
+        offsets: list[int],
+    ) -> None:
+        self._records = records
+        self.partitions = partitions
+        self.offsets = offsets
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def topic(self, index: int) -> str:
+        return self._records[index][0]
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+        return Delivered(self._records[index][0], self.partitions[index], self.offsets[index])

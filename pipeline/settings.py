@@ -2,17 +2,24 @@
 
 Precedence, highest first: keyword overrides given to :func:`load_settings`,
 environment variables (``PIPELINE_*``, nested with ``__`` such as
-``PIPELINE_AGGREGATE__WINDOW_S=30``; ``KAFKA_BOOTSTRAP_SERVERS``), the YAML file
+``PIPELINE_STAGES__AGGREGATE__CONFIG__WINDOW_S=30``; ``KAFKA_BOOTSTRAP_SERVERS``), the YAML file
 (``PIPELINE_CONFIG`` or ``config/pipeline.yaml``), the defaults below.
 
 Invalid settings raise :class:`pipeline.errors.ConfigError` with one line that
 names the setting.
+
+A stage is whatever ``stages.<id>`` declares: the code it ``uses``, what it reads
+and writes, its dead-letter topic, retries, error policy, backfill lane, state,
+lookups and ``config`` (validated by the stage's own model when the worker starts,
+:mod:`pipeline.stage`). The graph of stages is derived from those declarations
+(:mod:`pipeline.topology`); nothing here names a stage.
 """
 
 from __future__ import annotations
 
 import copy
 import os
+import re
 from collections.abc import Mapping
 from contextvars import ContextVar
 from pathlib import Path
@@ -24,6 +31,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     SecretStr,
     ValidationError,
     model_validator,
@@ -31,8 +39,11 @@ from pydantic import (
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from pipeline.errors import ConfigError
+from pipeline.topology import Topology
 
-STAGE_IDS: tuple[str, ...] = ("ingest", "parse", "enrich", "aggregate")
+#: a stage id names its consumer group, metric label, lineage hop, Kubernetes
+#: Deployment and dead-letter references: a DNS label
+STAGE_ID = re.compile(r"^[a-z]([a-z0-9-]{0,38}[a-z0-9])?$")
 
 _REPO_CONFIG = Path(__file__).resolve().parent.parent / "config" / "pipeline.yaml"
 _config_path: ContextVar[Path | None] = ContextVar("pipeline_config_path", default=None)
@@ -46,6 +57,11 @@ class TopicSpec(_Frozen):
     partitions: int = Field(ge=1, le=10_000)
     retention_ms: int | None = Field(default=None, ge=-1)
     compacted: bool = False
+    #: written from outside the pipeline (devices, a gateway, the CLI): a stage may
+    #: read it although no stage writes it (``pipeline topology --check``)
+    external: bool = False
+    #: the broker's largest record for this topic (``max.message.bytes``)
+    max_message_bytes: int | None = Field(default=None, ge=1024)
 
     def kafka_config(self) -> dict[str, str]:
         config: dict[str, str] = {}
@@ -53,6 +69,8 @@ class TopicSpec(_Frozen):
             config["cleanup.policy"] = "compact"
         if self.retention_ms is not None:
             config["retention.ms"] = str(self.retention_ms)
+        if self.max_message_bytes is not None:
+            config["max.message.bytes"] = str(self.max_message_bytes)
         return config
 
 
@@ -88,52 +106,58 @@ class DlqBudget(_Frozen):
 
 
 class StageSpec(_Frozen):
+    """One stage as pipeline.yaml declares it."""
+
+    #: the stage's code: ``package.module:attr`` or an entry point name (pipeline.registry)
+    uses: str = Field(min_length=1)
     inputs: tuple[str, ...] = Field(min_length=1)
-    output: str
+    #: the default output topic; none for a sink (its effect is outside Kafka)
+    output: str | None = None
+    #: further output topics an emit may route to (``Emit(topic=...)``)
+    outputs: tuple[str, ...] = ()
     dlq: str
-    registry_topic: str | None = None
-    state_topic: str | None = None
     retry: RetryPolicy | None = None
+    #: an unexpected exception in stage code: a ``processing_error`` dead letter
+    #: (counted by the budget) or a crash of the worker (exit 70, no commit)
+    on_error: Literal["dead_letter", "crash"] = "dead_letter"
     dlq_budget: DlqBudget = DlqBudget()
     #: the backfill lane this stage also consumes (pipeline.backfill): its own topic,
     #: so a backfill never sits in front of live records; live inputs go first
     backfill_lane: str | None = None
-
-
-class IngestSettings(_Frozen):
-    max_payload_bytes: int = Field(default=65536, ge=64)
-    dedup_window_s: float = Field(default=600.0, gt=0)
-    dedup_max_keys: int = Field(default=200_000, ge=1)
-
-
-class MetricRange(_Frozen):
-    min: float
-    max: float
-
-    @model_validator(mode="after")
-    def _ordered(self) -> MetricRange:
-        if self.min > self.max:
-            raise ValueError(f"min {self.min} > max {self.max}")
-        return self
-
-
-class ParseSettings(_Frozen):
-    min_ts_ms: int = 946_684_800_000
-    max_future_ms: int = Field(default=86_400_000, ge=0)
-    ranges: dict[str, MetricRange] = Field(default_factory=dict)
-
-
-class AggregateSettings(_Frozen):
-    window_s: int = Field(default=60, ge=1)
-    allowed_lateness_s: int = Field(default=10, ge=0)
+    #: a stateful stage's changelog (compacted, one partition per input partition)
+    state_topic: str | None = None
+    #: lookup tables the stage joins: name -> compacted topic (``ctx.lookup(name)``)
+    lookups: dict[str, str] = Field(default_factory=dict)
+    #: a stateful stage with event time: an idle partition's watermark advances with
+    #: the wall clock after this long without input (while upstream is caught up)
     idle_timeout_s: float = Field(default=5.0, gt=0)
-    #: how long (event time) an emitted window remembers its readings' lineage ids,
-    #: so a re-delivered or replayed reading is a duplicate, not ``late``;
-    #: default: one window length. Memory grows with it (ids of every emitted window).
-    closed_retention_s: int | None = Field(default=None, ge=0)
-    #: allowed lateness inside one backfill run (its own watermark, its windows all
-    #: close at the run's end-of-input): a bounded batch can afford to wait longer
-    backfill_lateness_s: int = Field(default=3600, ge=0)
+    #: the stage's own settings, validated by its config model
+    config: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def all_outputs(self) -> tuple[str, ...]:
+        """Every topic the stage may write outputs to, the default first."""
+        return tuple(dict.fromkeys((*((self.output,) if self.output else ()), *self.outputs)))
+
+    @property
+    def default_output(self) -> str | None:
+        return self.output or (self.outputs[0] if self.outputs else None)
+
+    def topics(self) -> list[str]:
+        """Every topic the stage declares."""
+        return [
+            t
+            for t in (
+                *self.inputs,
+                *self.all_outputs,
+                self.dlq,
+                self.retry.topic if self.retry else None,
+                self.backfill_lane,
+                self.state_topic,
+                *self.lookups.values(),
+            )
+            if t is not None
+        ]
 
 
 class BackfillSettings(_Frozen):
@@ -141,13 +165,21 @@ class BackfillSettings(_Frozen):
 
     #: durable run state (one compacted topic, keyed by run id)
     runs_topic: str | None = None
-    #: the stage a run enters by default: its ``backfill_lane`` topic
-    entry_stage: str = "parse"
+    #: the stage a run enters by default: its ``backfill_lane`` topic; the stateless
+    #: stages that feed it run inside the controller (pipeline.backfill.controller)
+    entry_stage: str | None = None
     chunk_size: int = Field(default=5000, ge=1, le=1_000_000)
     #: rows per second the controller produces; 0: no limit
     rate: float = Field(default=5000.0, ge=0)
     #: the run FAILs when a stage on the way makes no progress for this long
     stall_timeout_s: float = Field(default=300.0, gt=0)
+    #: Parquet input: the columns each row must have (all columns when empty); each
+    #: row becomes one JSON object
+    columns: tuple[str, ...] = ()
+    #: the column (epoch ms, or a timestamp type) that becomes the record's timestamp
+    timestamp_column: str | None = None
+    #: the column whose value keys the record
+    key_column: str | None = None
 
 
 class RunnerSettings(_Frozen):
@@ -222,78 +254,84 @@ class Settings(BaseSettings):
     #: crash point for tests (pipeline.failpoints): ``<name>[:<n>]``; unset in production
     failpoint: str | None = None
 
+    #: directories (relative to the config file) searched first for ``uses:`` modules
+    paths: tuple[str, ...] = ()
     topics: dict[str, TopicSpec]
     stages: dict[str, StageSpec]
-    ingest: IngestSettings = IngestSettings()
-    parse: ParseSettings = ParseSettings()
-    aggregate: AggregateSettings = AggregateSettings()
     runner: RunnerSettings = RunnerSettings()
     openlineage: OpenLineageSettings = OpenLineageSettings()
     backfill: BackfillSettings = BackfillSettings()
 
+    _topology: Topology = PrivateAttr()
+    _config_dir: Path | None = PrivateAttr(default=None)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for old in ("ingest", "parse", "aggregate"):
+                if old in data:
+                    raise ValueError(
+                        f"top-level '{old}:' moved: put it under stages.<id>.config in "
+                        "pipeline.yaml"
+                    )
+        return data
+
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
-        unknown = sorted(set(self.stages) - set(STAGE_IDS))
-        if unknown:
-            raise ValueError(f"unknown stage id(s) {unknown}; known: {list(STAGE_IDS)}")
-        missing = [s for s in STAGE_IDS if s not in self.stages]
-        if missing:
-            raise ValueError(f"stage(s) {missing} are not declared under 'stages'")
+        if not self.stages:
+            raise ValueError("no stages declared under 'stages'")
         for stage_id, spec in self.stages.items():
-            for topic in (
-                *spec.inputs,
-                spec.output,
-                spec.dlq,
-                spec.registry_topic,
-                spec.state_topic,
-                spec.retry.topic if spec.retry else None,
-                spec.backfill_lane,
-            ):
-                if topic is not None and topic not in self.topics:
+            if not STAGE_ID.match(stage_id):
+                raise ValueError(
+                    f"stage id {stage_id!r}: use 1-40 lowercase letters, digits or '-', "
+                    "starting with a letter (it names a consumer group and a Deployment)"
+                )
+            for topic in spec.topics():
+                if topic not in self.topics:
                     raise ValueError(
                         f"stage {stage_id!r} uses topic {topic!r}, not declared under 'topics'"
                     )
+            if spec.retry is not None and spec.retry.topic in spec.inputs:
+                raise ValueError(f"stage {stage_id!r}: its retry topic is one of its inputs")
         if self.lineage_topic is not None and self.lineage_topic not in self.topics:
             raise ValueError(f"lineage_topic {self.lineage_topic!r} is not declared under 'topics'")
         runs = self.backfill.runs_topic
         if runs is not None and runs not in self.topics:
             raise ValueError(f"backfill.runs_topic {runs!r} is not declared under 'topics'")
-        if self.backfill.entry_stage not in ("ingest", "parse"):
-            raise ValueError(
-                f"backfill.entry_stage {self.backfill.entry_stage!r}: "
-                "a run enters at ingest or parse"
-            )
-        if self.stages["enrich"].registry_topic is None:
-            raise ValueError("stage 'enrich' needs a 'registry_topic'")
-        agg = self.stages["aggregate"]
-        if agg.state_topic is None:
-            raise ValueError("stage 'aggregate' needs a 'state_topic'")
-        agg_topics = (*agg.inputs, agg.state_topic, agg.backfill_lane)
-        agg_in = {self.topics[t].partitions for t in agg_topics if t is not None}
-        if len(agg_in) != 1:
-            raise ValueError(
-                "the aggregate stage's inputs, backfill_lane and state_topic must have one "
-                "partition count"
-            )
+        entry = self.backfill.entry_stage
+        if entry is not None and entry not in self.stages:
+            raise ValueError(f"backfill.entry_stage {entry!r} is not a declared stage")
+        self._topology = Topology.build(self.stages)
         return self
+
+    @property
+    def topology(self) -> Topology:
+        """The graph of the declared stages (pipeline.topology)."""
+        return self._topology
+
+    @property
+    def stage_ids(self) -> tuple[str, ...]:
+        """The declared stages in topological order (declaration order among equals)."""
+        return self._topology.order
+
+    @property
+    def config_dir(self) -> Path | None:
+        """The directory of the config file these settings came from."""
+        return self._config_dir
+
+    def python_paths(self) -> list[Path]:
+        """``paths:``, relative to the config file's directory."""
+        base = self._config_dir or Path.cwd()
+        return [(base / p).resolve() for p in self.paths]
 
     def stage(self, stage_id: str) -> StageSpec:
         try:
             return self.stages[stage_id]
         except KeyError:
             raise ConfigError(
-                f"unknown stage {stage_id!r}; choose one of: {', '.join(STAGE_IDS)}"
+                f"unknown stage {stage_id!r}; choose one of: {', '.join(self.stage_ids)}"
             ) from None
-
-    def lane_output(self, stage_id: str) -> str:
-        """Where a stage writes what it made of a backfill-lane batch: the next
-        stage's backfill lane, else its ordinary output."""
-        index = STAGE_IDS.index(stage_id)
-        if index + 1 < len(STAGE_IDS):
-            lane = self.stage(STAGE_IDS[index + 1]).backfill_lane
-            if lane is not None:
-                return lane
-        return self.stage(stage_id).output
 
     def group_id(self, stage_id: str) -> str:
         """The consumer group of a stage: one id, one name."""
@@ -342,12 +380,16 @@ def namespaced(doc: Mapping[str, Any], tag: str) -> dict[str, Any]:
     rename = {name: f"{tag}.{name}" for name in out["topics"]}
     out["topics"] = {rename[n]: spec for n, spec in out["topics"].items()}
     for spec in out["stages"].values():
-        spec["inputs"] = [rename[t] for t in spec["inputs"]]
-        for key in ("output", "dlq", "registry_topic", "state_topic", "backfill_lane"):
+        for key in ("inputs", "outputs"):
             if key in spec:
+                spec[key] = [rename[t] for t in spec[key]]
+        for key in ("output", "dlq", "state_topic", "backfill_lane"):
+            if spec.get(key):
                 spec[key] = rename[spec[key]]
         if "retry" in spec:
             spec["retry"]["topic"] = rename[spec["retry"]["topic"]]
+        if "lookups" in spec:
+            spec["lookups"] = {k: rename[v] for k, v in spec["lookups"].items()}
     if out.get("lineage_topic"):
         out["lineage_topic"] = rename[out["lineage_topic"]]
     if out.get("backfill", {}).get("runs_topic"):
@@ -367,17 +409,31 @@ def default_config_path() -> Path:
 def load_settings(config_path: str | Path | None = None, **overrides: Any) -> Settings:
     """Read and validate settings; raise :class:`ConfigError` with one clear line."""
     path = Path(config_path) if config_path is not None else default_config_path()
+    moved = sorted(
+        k
+        for k in os.environ
+        if k.upper().startswith(("PIPELINE_INGEST__", "PIPELINE_PARSE__", "PIPELINE_AGGREGATE__"))
+    )
+    if moved:
+        section = moved[0].split("__", 1)[0].removeprefix("PIPELINE_")
+        raise ConfigError(
+            f"environment variable {moved[0]}: stage settings moved under the stage's config; "
+            f"use PIPELINE_STAGES__{section}__CONFIG__{moved[0].split('__', 1)[1]}"
+        )
     if not path.exists():
         raise ConfigError(
             f"config file {path} does not exist; set PIPELINE_CONFIG or pass --config"
         )
     token = _config_path.set(path)
     try:
-        return Settings(**overrides)
+        settings = Settings(**overrides)
+        settings._config_dir = path.resolve().parent
+        return settings
     except ValidationError as exc:
         err = exc.errors()[0]
         where = ".".join(str(p) for p in err["loc"]) or "settings"
         more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-        raise ConfigError(f"invalid setting {where}: {err['msg']}{more} [{path}]") from None
+        msg = err["msg"].removeprefix("Value error, ")
+        raise ConfigError(f"invalid setting {where}: {msg}{more} [{path}]") from None
     finally:
         _config_path.reset(token)

@@ -1,5 +1,6 @@
-"""Pure stage logic: input records (+ state, + clock) → outputs and dead letters.
+"""The built-in IoT pipeline: ingest → parse → enrich → aggregate.
 
-Nothing here imports Faust, confluent-kafka or prometheus-client; the runner
-(:mod:`pipeline.runner`) binds these functions to Kafka.
+Four ordinary stages, written only with the public API (``from pipeline import …``),
+exactly as a user writes one: config/pipeline.yaml names them with ``uses:``, and
+nothing in the framework names them back.
 """

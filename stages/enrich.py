@@ -18,12 +18,20 @@ from typing import Any
 
 import orjson
 
-from dlq.reasons import Reason
-from pipeline import contract
-from pipeline.errors import InvalidMessage, RetryableError
-from pipeline.records import InRecord, OutRecord, StageResult
+from pipeline import (
+    InvalidMessage,
+    Outputs,
+    OutRecord,
+    Record,
+    RetryableError,
+    StageContext,
+    contract,
+    stage,
+)
 
-STAGE = "enrich"
+SCHEMA_VIOLATION, UNKNOWN_DEVICE = "schema_violation", "unknown_device"
+#: the lookup table (``stages.enrich.lookups``) that holds the device registry
+REGISTRY = "devices"
 REQUIRED_COLUMNS = ("device_id", "site", "device_type", "unit")
 _SCHEMA_ENRICHED = contract.SCHEMA_ENRICHED.encode()
 
@@ -99,25 +107,25 @@ def read_registry_csv(text: str) -> list[Device]:
     return devices
 
 
-class EnrichStage:
+class Enricher:
+    """The join itself, on any lookup of device ids."""
+
     def __init__(self, lookup: Callable[[str], Device | None]) -> None:
         self._lookup = lookup
 
-    def enrich(self, record: InRecord) -> OutRecord:
+    def enrich(self, record: Record) -> OutRecord:
         """The enriched record; raises RetryableError for an unknown device."""
         if not record.value:
-            raise InvalidMessage(Reason.SCHEMA_VIOLATION, "empty reading")
+            raise InvalidMessage(SCHEMA_VIOLATION, "empty reading")
         try:
             reading: dict[str, Any] = orjson.loads(record.value)
             device_id = reading["device_id"]
             value = float(reading["value"])
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-            raise InvalidMessage(
-                Reason.SCHEMA_VIOLATION, "input is not a reading/1 record"
-            ) from None
-        device = self._lookup(device_id)
+            raise InvalidMessage(SCHEMA_VIOLATION, "input is not a reading/1 record") from None
+        device = self._lookup(device_id) if isinstance(device_id, str) else None
         if device is None:
-            raise RetryableError(Reason.UNKNOWN_DEVICE, "device_id is not in the registry")
+            raise RetryableError(UNKNOWN_DEVICE, "device_id is not in the registry")
         reading["raw_value"] = value
         reading["value"] = value + device.calibration_offset
         reading["site"] = device.site
@@ -130,17 +138,33 @@ class EnrichStage:
             record.key, orjson.dumps(reading), headers, reading.get("ts"), record.offset
         )
 
-    def process(self, records: Sequence[InRecord]) -> StageResult:
-        """Enrich a batch. An unknown device is retryable: the registry may lag."""
-        result = StageResult()
+
+@stage(
+    batch=True,
+    reasons={
+        SCHEMA_VIOLATION: "input is not a reading/1 record",
+        UNKNOWN_DEVICE: "device_id not in the registry after every retry",
+    },
+)
+class Enrich:
+    """Readings in; readings with their device's site, type, unit and calibration out.
+    An unknown device is retryable: the registry may lag."""
+
+    def __init__(self, ctx: StageContext) -> None:
+        self.enricher = Enricher(ctx.lookup(REGISTRY, decode=Device.from_json).get)
+
+    def process_batch(self, records: Sequence[Record], out: Outputs) -> None:
+        enrich, append = self.enricher.enrich, out.append
         for record in records:
             try:
-                result.outputs.append(self.enrich(record))
+                append(enrich(record))
             except InvalidMessage as exc:
-                result.reject(STAGE, record, exc)
+                out.dead_letter(record, exc)
             except RetryableError as exc:
-                result.retryable.append((record, exc))
-        return result
+                out.retry(record, exc)
+
+
+enrich = Enrich
 
 
 def devices_from(items: Iterable[tuple[str, bytes]]) -> dict[str, Device]:

@@ -13,19 +13,15 @@ A payload it cannot read is passed on unchanged for parse to dead-letter.
 from __future__ import annotations
 
 import hashlib
-import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
 import orjson
+from pydantic import BaseModel, ConfigDict, Field
 
-from dlq.reasons import Reason
-from pipeline import contract
-from pipeline.errors import InvalidMessage
-from pipeline.records import InRecord, OutRecord, StageResult
-from pipeline.settings import IngestSettings
+from pipeline import InvalidMessage, Outputs, OutRecord, Record, StageContext, contract, stage
 
-STAGE = "ingest"
+TOO_LARGE, EMPTY = "too_large", "empty"
 _LINEAGE, _TRACEPARENT, _SOURCE = contract.H_LINEAGE, contract.H_TRACEPARENT, contract.H_SOURCE
 _SCHEMA, _INGEST_TS = contract.H_SCHEMA, contract.H_INGEST_TS
 _LIVE, _SCHEMA_RAW = contract.SOURCE_LIVE.encode(), contract.SCHEMA_RAW.encode()
@@ -33,10 +29,24 @@ _LIVE, _SCHEMA_RAW = contract.SOURCE_LIVE.encode(), contract.SCHEMA_RAW.encode()
 Identity = tuple[str, str, int | None]
 
 
+class IngestConfig(BaseModel):
+    """``stages.ingest.config``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_payload_bytes: int = Field(default=65536, ge=64)
+    dedup_window_s: float = Field(default=600.0, gt=0)
+    dedup_max_keys: int = Field(default=200_000, ge=1)
+
+
 class Deduper:
     """Remembers ``(device_id, seq)`` → payload digest for ``window_s`` seconds, at most
     ``max_keys`` pairs. A record is a duplicate only if the pair *and* the payload match:
-    a malformed record that happens to share a pair with a good one must not hide it."""
+    a malformed record that happens to share a pair with a good one must not hide it.
+
+    What a batch saw is kept aside (``pending``) and remembered only once the batch
+    is through (:meth:`remember`): if the batch fails and is run again, its records
+    are not mistaken for repeats of themselves."""
 
     def __init__(self, window_s: float, max_keys: int, clock: Callable[[], float]) -> None:
         self._window = window_s
@@ -44,24 +54,35 @@ class Deduper:
         self._clock = clock
         self._seen: OrderedDict[tuple[str, str], tuple[float, bytes]] = OrderedDict()
 
-    def seen(self, device_id: str, seq: str, digest: bytes) -> bool:
-        """True if the same pair with the same digest was seen within the window;
-        remembers it otherwise."""
+    def seen(
+        self,
+        device_id: str,
+        seq: str,
+        digest: bytes,
+        pending: dict[tuple[str, str], tuple[float, bytes]],
+    ) -> bool:
+        """True if the same pair with the same digest was seen within the window (or
+        earlier in this batch: ``pending``); notes it in ``pending`` otherwise."""
         now = self._clock()
-        horizon = now - self._window
+        key = (device_id, seq)
+        previous = pending.get(key) or self._seen.get(key)
+        if previous is not None and previous[0] >= now - self._window and previous[1] == digest:
+            return True
+        pending[key] = (now, digest)
+        return False
+
+    def remember(self, pending: dict[tuple[str, str], tuple[float, bytes]]) -> None:
+        """Keep what a finished batch saw; forget what is past the window or the size."""
         seen = self._seen
+        for key, entry in pending.items():
+            seen.pop(key, None)
+            seen[key] = entry
+        horizon = self._clock() - self._window
         while seen:
             oldest_key, (oldest_at, _) = next(iter(seen.items()))
-            if oldest_at >= horizon and len(seen) < self._max:
+            if oldest_at >= horizon and len(seen) <= self._max:
                 break
             del seen[oldest_key]
-        key = (device_id, seq)
-        previous = seen.get(key)
-        if previous is not None and previous[0] >= horizon and previous[1] == digest:
-            return True
-        seen.pop(key, None)
-        seen[key] = (now, digest)
-        return False
 
     def __len__(self) -> int:
         return len(self._seen)
@@ -101,29 +122,36 @@ def sniff_identity(payload: bytes) -> Identity | None:
     return device_id, str(seq), ts_int
 
 
-class IngestStage:
-    def __init__(self, settings: IngestSettings, clock: Callable[[], float] = time.time) -> None:
-        self._settings = settings
-        self._clock = clock
-        self.deduper = Deduper(settings.dedup_window_s, settings.dedup_max_keys, clock)
+@stage(
+    batch=True,
+    config=IngestConfig,
+    reasons={TOO_LARGE: "payload over max_payload_bytes", EMPTY: "empty payload"},
+)
+class Ingest:
+    """Raw device bytes in; keyed by device, with lineage headers, out."""
 
-    def process(self, records: Sequence[InRecord]) -> StageResult:
-        result = StageResult()
-        max_bytes = self._settings.max_payload_bytes
-        now_ms = int(self._clock() * 1000)
+    def __init__(self, ctx: StageContext) -> None:
+        self.ctx = ctx
+        config: IngestConfig = ctx.config
+        self.config = config
+        self.deduper = Deduper(config.dedup_window_s, config.dedup_max_keys, ctx.clock)
+
+    def process_batch(self, records: Sequence[Record], out: Outputs) -> None:
+        max_bytes = self.config.max_payload_bytes
+        now_ms = self.ctx.now_ms()
         ingest_ts = str(now_ms).encode()
         child_traceparent = contract.child_traceparent_bytes
+        pending: dict[tuple[str, str], tuple[float, bytes]] = {}
         for record in records:
             payload = record.value
             if not payload or not payload.strip():
-                result.reject(STAGE, record, InvalidMessage(Reason.EMPTY, "empty payload"))
+                out.dead_letter(record, InvalidMessage(EMPTY, "empty payload"))
                 continue
             if len(payload) > max_bytes:
-                result.reject(
-                    STAGE,
+                out.dead_letter(
                     record,
                     InvalidMessage(
-                        Reason.TOO_LARGE, f"payload of {len(payload)} bytes exceeds {max_bytes}"
+                        TOO_LARGE, f"payload of {len(payload)} bytes exceeds {max_bytes}"
                     ),
                 )
                 continue
@@ -139,8 +167,8 @@ class IngestStage:
             else:
                 device_id, seq, ts = identity
                 digest = hashlib.blake2b(payload, digest_size=16).digest()
-                if self.deduper.seen(device_id, seq, digest):
-                    result.duplicates += 1
+                if self.deduper.seen(device_id, seq, digest, pending):
+                    out.duplicate(record)
                     continue
                 key = device_id.encode("utf-8")
                 lineage = contract.lineage_id(
@@ -153,7 +181,10 @@ class IngestStage:
             incoming[_SOURCE] = incoming.get(_SOURCE, _LIVE)
             incoming[_SCHEMA] = _SCHEMA_RAW
             incoming[_INGEST_TS] = ingest_ts
-            result.outputs.append(
+            out.append(
                 OutRecord(key, payload, list(incoming.items()), record.timestamp_ms, record.offset)
             )
-        return result
+        self.deduper.remember(pending)
+
+
+ingest = Ingest

@@ -1,7 +1,8 @@
 """When is a backfill done? When every stage on its way has committed past it.
 
 The controller knows the end offsets it produced in the entry topic. Stage by
-stage (entry … aggregate):
+stage, in topological order over the entry stage and every stage downstream of it
+(:meth:`pipeline.topology.Topology.downstream`):
 
 1. wait until the stage's group has committed past the targets in its input;
    a stage acknowledges a batch's outputs before it commits it, so at that moment
@@ -13,12 +14,15 @@ stage (entry … aggregate):
    read now (a lane batch's outputs go to the next lane, a retried record's to
    the ordinary output).
 
+4. if the stage is stateful (it has a ``state_topic``), send one end-of-input record
+   per partition of its backfill lane (else its inputs) and wait for it to commit
+   past them: the run's lane in its state has emitted its last results (e.g. the
+   run's windows), which are in its outputs before the next stage is looked at.
+
 Live records in the same topics are waited for too: the barrier is
-conservative, never early. Then the controller sends one end-of-input record per
-partition of the aggregate's input and waits for the aggregate to commit past
-them: the run's last windows are emitted and the run is COMPLETE. (The marker
-goes into the aggregate's lane; backfilled records that came the other way, as
-retries, were committed before it was sent.)
+conservative, never early. When the last stage is through, the run is COMPLETE.
+(Backfilled records that came the other way, as retries, were committed before a
+marker was sent.)
 
 A stage that does not move for ``backfill.stall_timeout_s`` while it has records
 of the run to commit fails the run with a reason (no worker, or stopped by its
@@ -35,7 +39,7 @@ from pipeline.errors import PipelineError
 from pipeline.kafka.clients import admin, client_config, producer
 from pipeline.kafka.offsets import committed_offsets, high_watermarks, partitions_of
 from pipeline.kafka.produce import produce_acked
-from pipeline.settings import STAGE_IDS, Settings
+from pipeline.settings import Settings
 
 TP = tuple[str, int]
 
@@ -48,8 +52,9 @@ class RunCancelled(PipelineError):
     """``backfill cancel`` was asked for this run."""
 
 
-def stage_chain(entry_stage: str) -> list[str]:
-    return list(STAGE_IDS[STAGE_IDS.index(entry_stage) :])
+def stage_chain(settings: Settings, entry_stage: str) -> list[str]:
+    """The stages a run entering at ``entry_stage`` goes through, in order."""
+    return list(settings.topology.downstream(entry_stage))
 
 
 def input_topics(settings: Settings, stage: str) -> list[str]:
@@ -114,24 +119,33 @@ class Completion:
                 raise RunCancelled("cancel requested")
             time.sleep(self.poll_s)
 
-    def through_stages(self, entry_stage: str, entry_targets: Mapping[TP, int]) -> None:
-        targets = dict(entry_targets)
-        chain = stage_chain(entry_stage)
-        for stage, after in zip(chain, [*chain[1:], None], strict=True):
+    def through_stages(
+        self,
+        entry_stage: str,
+        entry_targets: Mapping[TP, int],
+        end_lane: Callable[[str], Mapping[TP, int]],
+    ) -> None:
+        """Wait for every stage of the run in turn; ``end_lane(stage)`` sends (or
+        recalls, on a resume) a stateful stage's end-of-input markers and returns the
+        offsets after them."""
+        for stage in stage_chain(self.settings, entry_stage):
             spec = self.settings.stage(stage)
+            targets = (
+                dict(entry_targets)
+                if stage == entry_stage
+                else self.ends(input_topics(self.settings, stage))
+            )
             self.wait_stage(stage, targets)
             if spec.retry is not None:
                 for _ in range(spec.retry.max_attempts):
                     self.wait_stage(stage, self.ends([spec.retry.topic]))
-            if after is not None:
-                # what this stage wrote is in the next one's input and lane (a lane
-                # batch's outputs) or input (a retried record's)
-                targets = self.ends(input_topics(self.settings, after))
+            if spec.state_topic is not None:
+                self.wait_stage(stage, end_lane(stage))
 
-    def send_end_of_input(self) -> dict[TP, int]:
-        """One end-of-input record per partition of the aggregate's backfill lane (else
-        its input); returns the offset after each (what the aggregate has to commit)."""
-        spec = self.settings.stage(STAGE_IDS[-1])
+    def send_end_of_input(self, stage: str) -> dict[TP, int]:
+        """One end-of-input record per partition of ``stage``'s backfill lane (else its
+        inputs); returns the offset after each (what the stage has to commit)."""
+        spec = self.settings.stage(stage)
         marked = [spec.backfill_lane] if spec.backfill_lane else list(spec.inputs)
         headers: list[tuple[str, bytes]] = [
             (contract.H_SOURCE, self.source.encode()),

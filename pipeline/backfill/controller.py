@@ -1,15 +1,17 @@
 """The backfill controller: plan, send chunks, checkpoint, wait, declare.
 
-One controller owns one run. It sends each chunk through the ingest stage's own
-code (:class:`stages.ingest.IngestStage`: keys, lineage ids derived from the
-row, trace context, dead letters for empty or oversize rows) into the entry
-stage's backfill lane with ``source=backfill:<run-id>``, at most ``rate`` rows/s,
-waits for the broker to acknowledge the chunk, then checkpoints it in the run
-state. After the last chunk it waits for the stages (:mod:`.completion`) and only
-then marks the run COMPLETE.
+One controller owns one run. It sends each chunk into the entry stage's backfill
+lane with ``source=backfill:<run-id>``, at most ``rate`` rows/s, waits for the
+broker to acknowledge the chunk, then checkpoints it in the run state. After the
+last chunk it waits for the stages (:mod:`.completion`) and only then marks the
+run COMPLETE.
 
-With ``--stage ingest`` the raw payloads go to the ingest stage's input instead,
-and the ingest workers do the same work.
+The stateless stages between where records enter the pipeline and the entry stage
+(:func:`prepare_chain`; in the built-in pipeline, ingest before parse) run inside
+the controller, on the same code the workers run (keys, lineage ids derived from
+the row, trace context, dead letters to their own dead-letter topics). Entering at
+the first stage (``--stage ingest``), the rows go to its input and its workers do
+that work.
 """
 
 from __future__ import annotations
@@ -44,14 +46,15 @@ from pipeline.backfill.state import (
     RunState,
     RunStore,
 )
+from pipeline.engine.build import build_engine, load_stage
+from pipeline.engine.retry import route_retries
 from pipeline.errors import BrokerError, ConfigError, PipelineError
 from pipeline.kafka.clients import producer
 from pipeline.kafka.offsets import read_topic
 from pipeline.kafka.produce import produce_acked
 from pipeline.obs import metrics
-from pipeline.records import InRecord
-from pipeline.settings import STAGE_IDS, Settings
-from stages.ingest import IngestStage
+from pipeline.records import Record
+from pipeline.settings import Settings
 
 log = logging.getLogger("pipeline.backfill")
 
@@ -84,9 +87,37 @@ def entry_topic(settings: Settings, entry_stage: str) -> str:
 def open_source(settings: Settings, described: dict[str, Any]) -> Source:
     """Re-open the input a run state describes."""
     if described["kind"] == "parquet":
-        return ParquetSource(described["pattern"])
+        return ParquetSource.from_settings(settings, described["pattern"])
     ranges = [PartitionRange(p, s, e) for p, s, e in described["ranges"]]
     return TopicSource(settings, described["topic"], ranges)
+
+
+def prepare_chain(settings: Settings, entry_stage: str) -> list[str]:
+    """The stages the controller runs itself before ``entry_stage``, in order: walking
+    back from it while its input is written by exactly one stage that keeps no state
+    and joins no lookup (the controller has neither)."""
+    chain: list[str] = []
+    stage = entry_stage
+    while True:
+        spec = settings.stage(stage)
+        feeders = {w for t in spec.inputs for w in settings.topology.producers.get(t, ())}
+        if len(feeders) != 1:
+            return chain
+        (feeder,) = feeders
+        before = settings.stage(feeder)
+        if before.state_topic is not None or before.lookups or feeder in chain:
+            return chain
+        chain.insert(0, feeder)
+        stage = feeder
+
+
+class ChainStep:
+    """One stage of the prepare chain: its engine and where its dead letters go."""
+
+    def __init__(self, settings: Settings, stage_id: str) -> None:
+        self.stage_id = stage_id
+        self.spec = settings.stage(stage_id)
+        self.engine = build_engine(stage_id, self.spec, load_stage(settings, stage_id))
 
 
 def new_run(
@@ -216,15 +247,14 @@ class Controller:
     def _send_all(self) -> None:
         run = self.run
         done = run.done_chunks
-        # entering at parse, this process does the ingest stage's work
-        stage = IngestStage(self.settings.ingest) if run.entry_stage != "ingest" else None
+        chain = [ChainStep(self.settings, s) for s in prepare_chain(self.settings, run.entry_stage)]
         limiter = RateLimiter(run.rate)
         for chunk in self.chunks:
             if chunk.index in done:
                 metrics.BACKFILL_CHUNKS.labels(run.entry_stage, run.run_id, "skipped").inc()
                 continue
             self._maybe_cancelled()
-            outcome = self._send_chunk(chunk, stage, limiter)
+            outcome = self._send_chunk(chunk, chain, limiter)
             run.mark_done(chunk.index)
             run.rows_sent += outcome.sent
             run.rows_dead_lettered += outcome.dead_lettered
@@ -243,14 +273,14 @@ class Controller:
             raise RunCancelled("cancel requested")
 
     def _send_chunk(
-        self, chunk: Chunk, ingest: IngestStage | None, limiter: RateLimiter
+        self, chunk: Chunk, chain: Sequence[ChainStep], limiter: RateLimiter
     ) -> ChunkOutcome:
         """Produce one chunk and wait until the broker acknowledged all of it."""
         run = self.run
         src = (contract.H_SOURCE, self.source_header.encode())
         tag = (contract.H_BACKFILL_CHUNK, str(chunk.index).encode())
         rows = [
-            InRecord(r.topic, r.partition, r.offset, r.timestamp_ms, r.key, r.value, (src,))
+            Record(r.topic, r.partition, r.offset, r.timestamp_ms, r.key, r.value, (src,))
             for r in self.source.read(chunk)
         ]
         if len(rows) != chunk.rows:
@@ -260,26 +290,40 @@ class Controller:
             )
         out: list[Outgoing] = []
         dead_lettered = duplicates = 0
-        if ingest is None:  # the ingest workers do the ingest work
-            out = [
-                (run.entry_topic, r.key, r.value, [src, tag], r.timestamp_ms or None) for r in rows
-            ]
-        else:
-            result = ingest.process(rows)
-            out = [
-                (run.entry_topic, o.key, o.value, [*o.headers, tag], o.timestamp_ms or None)
-                for o in result.outputs
-            ]
-            dlq = self.settings.stage("ingest").dlq
-            now_ms = int(time.time() * 1000)
+        now_ms = int(time.time() * 1000)
+        records: Sequence[Record] = rows
+        for step in chain:
+            result = step.engine.process(chunk.index, records)
+            out += route_retries(step.spec.retry, result, now_ms)
             out += [
-                (dlq, d.key, d.value, d.envelope_headers(now_ms), d.timestamp_ms or None)
+                (step.spec.dlq, d.key, d.value, d.envelope_headers(now_ms), d.timestamp_ms or None)
                 for d in result.dead
             ]
-            dead_lettered, duplicates = len(result.dead), result.duplicates
-        acked = self._produce(out, limiter)
+            dead_lettered += len(result.dead)
+            duplicates += result.duplicates
+            records = [
+                Record(
+                    o.topic or step.spec.default_output or "",
+                    0,
+                    i,
+                    o.timestamp_ms or 0,
+                    o.key,
+                    o.value,
+                    tuple(o.headers),
+                )
+                for i, o in enumerate(result.outputs)
+            ]
+        entry = (
+            [(run.entry_topic, r.key, r.value, [src, tag], r.timestamp_ms or None) for r in rows]
+            if not chain
+            else [
+                (run.entry_topic, r.key, r.value, [*r.headers, tag], r.timestamp_ms or None)
+                for r in records
+            ]
+        )
+        acked = self._produce([*entry, *out], limiter)
         ends = {p: end for (t, p), end in acked.items() if t == run.entry_topic}
-        return ChunkOutcome(len(out) - dead_lettered, dead_lettered, duplicates, ends)
+        return ChunkOutcome(len(entry), dead_lettered, duplicates, ends)
 
     def _produce(
         self, records: Sequence[Outgoing], limiter: RateLimiter
@@ -305,17 +349,24 @@ class Controller:
             check_cancel=self._cancel_now,
         )
         targets = {(run.entry_topic, int(p)): end for p, end in run.end_offsets.items()}
-        completion.through_stages(run.entry_stage, targets)
-        if not run.end_markers:
-            markers = completion.send_end_of_input()
-            run.end_markers = {f"{t}:{p}": end for (t, p), end in markers.items()}
+
+        def end_lane(stage: str) -> dict[tuple[str, int], int]:
+            """The stage's end-of-input markers: sent once, recalled on a resume."""
+            spec = self.settings.stage(stage)
+            marked = {spec.backfill_lane} if spec.backfill_lane else set(spec.inputs)
+            saved = {
+                (key.rsplit(":", 1)[0], int(key.rsplit(":", 1)[1])): end
+                for key, end in run.end_markers.items()
+                if key.rsplit(":", 1)[0] in marked
+            }
+            if saved:
+                return saved
+            markers = completion.send_end_of_input(stage)
+            run.end_markers.update({f"{t}:{p}": end for (t, p), end in markers.items()})
             self.store.save(run)
-        final = {
-            (key.rsplit(":", 1)[0], int(key.rsplit(":", 1)[1])): end
-            for key, end in run.end_markers.items()
-        }
-        run.waiting_for = STAGE_IDS[-1]
-        completion.wait_stage(STAGE_IDS[-1], final)
+            return markers
+
+        completion.through_stages(run.entry_stage, targets, end_lane)
         run.waiting_for = None
 
     _last_save = 0.0
@@ -342,7 +393,7 @@ def dead_letters_of(settings: Settings, source: str) -> dict[str, dict[str, int]
     """The run's dead letters per stage and reason, read from every stage's DLQ."""
     wanted = source.encode()
     counts: dict[str, dict[str, int]] = {}
-    for stage in STAGE_IDS:
+    for stage in settings.stage_ids:
         for msg in read_topic(settings, settings.stage(stage).dlq, timeout=60):
             headers = dict(msg.headers() or [])
             if headers.get(contract.H_SOURCE) != wanted:

@@ -30,7 +30,7 @@ from pipeline.obs.openlineage import (
     kafka_namespace,
     make_transport,
 )
-from pipeline.settings import STAGE_IDS, Settings
+from pipeline.settings import Settings
 
 log = logging.getLogger("pipeline.backfill")
 
@@ -57,10 +57,9 @@ class BackfillLineage:
                 self._inputs = [InputDataset(namespace="file", name=p) for p in source["files"]]
             else:
                 self._inputs = [InputDataset(namespace=namespace, name=source["topic"])]
-            final = settings.stage(STAGE_IDS[-1]).output
             self._outputs = [
                 OutputDataset(namespace=namespace, name=t)
-                for t in dict.fromkeys([entry_topic, final])
+                for t in dict.fromkeys([entry_topic, *settings.topology.final_topics()])
             ]
             self._transport = make_transport(settings)
         except Exception as exc:

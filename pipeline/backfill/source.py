@@ -6,9 +6,11 @@ same chunks, which is what lets a resumed run skip the chunks it checkpointed.
 A chunk never spans two Parquet row groups or two partitions; reading one holds
 at most one row group in memory.
 
-Rows become the payload a device would have sent (a ``reading/1``-shaped JSON
-object, keys in a fixed order), so the ingest stage derives the same lineage id
-from the same row every time.
+A Parquet row becomes one JSON object of its columns (``backfill.columns``, in
+that order; all columns when none are named), with the ``backfill.timestamp_column``
+as the record's timestamp and ``backfill.key_column`` as its key: the same row is
+the same payload every time, so a stage that derives lineage ids from content (the
+built-in ingest) derives the same one.
 """
 
 from __future__ import annotations
@@ -26,10 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.errors import ConfigError, PipelineError
-from pipeline.records import InRecord
-
-#: the columns a Parquet input must have (``ts``: epoch ms, or a timestamp type)
-COLUMNS = ("device_id", "ts", "seq", "metric", "value", "unit")
+from pipeline.records import Record
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,7 +59,7 @@ class Source(Protocol):
 
     def plan(self, chunk_size: int) -> list[Chunk]: ...
 
-    def read(self, chunk: Chunk) -> list[InRecord]:
+    def read(self, chunk: Chunk) -> list[Record]:
         """The chunk's rows as records the ingest stage accepts (payload in ``value``)."""
         ...
 
@@ -92,19 +91,36 @@ def expand_paths(pattern: str) -> list[str]:
 class ParquetSource:
     kind = "parquet"
 
-    def __init__(self, pattern: str) -> None:
+    def __init__(
+        self,
+        pattern: str,
+        columns: Sequence[str] = (),
+        timestamp_column: str | None = None,
+        key_column: str | None = None,
+    ) -> None:
         self.pattern = pattern
         self.paths = expand_paths(pattern)
         self._files: dict[str, pq.ParquetFile] = {}
         self._cached: tuple[tuple[str, int], pa.Table] | None = None
+        self.timestamp_column = timestamp_column
+        self.key_column = key_column
+        wanted = [*columns, *(c for c in (timestamp_column, key_column) if c and c not in columns)]
+        self.columns: list[str] = list(columns) or list(
+            self._file(self.paths[0]).schema_arrow.names
+        )
         for path in self.paths:
             names = set(self._file(path).schema_arrow.names)
-            missing = [c for c in COLUMNS if c not in names]
+            missing = [c for c in (wanted or self.columns) if c not in names]
             if missing:
                 raise ConfigError(
                     f"{path} lacks column(s) {', '.join(missing)}; a backfill file needs "
-                    f"{', '.join(COLUMNS)}"
+                    f"{', '.join(wanted or self.columns)} (backfill.columns in pipeline.yaml)"
                 )
+
+    @classmethod
+    def from_settings(cls, settings: Any, pattern: str) -> ParquetSource:
+        conf = settings.backfill
+        return cls(pattern, conf.columns, conf.timestamp_column, conf.key_column)
 
     def _file(self, path: str) -> pq.ParquetFile:
         pf = self._files.get(path)
@@ -141,27 +157,39 @@ class ParquetSource:
         if self._cached is not None and self._cached[0] == (path, group):
             return self._cached[1]
         self._cached = None  # let the previous row group go first
-        table = self._file(path).read_row_group(group, columns=list(COLUMNS))
+        needed = list(
+            dict.fromkeys(
+                [*self.columns, *(c for c in (self.timestamp_column, self.key_column) if c)]
+            )
+        )
+        table = self._file(path).read_row_group(group, columns=needed)
         self._cached = ((path, group), table)
         return table
 
-    def read(self, chunk: Chunk) -> list[InRecord]:
+    def read(self, chunk: Chunk) -> list[Record]:
         table = self._row_group(chunk.part, chunk.unit).slice(chunk.start, chunk.rows)
-        columns = {name: _column(table.column(name)) for name in COLUMNS}
+        names = list(
+            dict.fromkeys(
+                [*self.columns, *(c for c in (self.timestamp_column, self.key_column) if c)]
+            )
+        )
+        columns = {name: _column(table.column(name)) for name in names}
         first_row = sum(
             self._file(chunk.part).metadata.row_group(g).num_rows for g in range(chunk.unit)
         )
+        ts_column, key_column = self.timestamp_column, self.key_column
         records = []
         for i in range(table.num_rows):
-            row = {name: columns[name][i] for name in COLUMNS}
-            ts = row["ts"]
+            row = {name: columns[name][i] for name in self.columns}
+            ts = columns[ts_column][i] if ts_column else 0
+            key = columns[key_column][i] if key_column else None
             records.append(
-                InRecord(
+                Record(
                     chunk.part,
                     chunk.unit,
                     first_row + chunk.start + i,
                     ts if isinstance(ts, int) and ts > 0 else 0,
-                    None,
+                    None if key is None else str(key).encode("utf-8"),
                     orjson.dumps(row),
                 )
             )
@@ -222,13 +250,13 @@ class TopicSource:
                 chunks.append(Chunk(len(chunks), self.topic, r.partition, r.start + start, rows))
         return chunks
 
-    def read(self, chunk: Chunk) -> list[InRecord]:
+    def read(self, chunk: Chunk) -> list[Record]:
         from pipeline.ops.rewind import PartitionReader
 
         if self._reader is None:
             self._reader = PartitionReader(self.settings, timeout=30.0)
         end = chunk.start + chunk.rows
-        records: list[InRecord] = []
+        records: list[Record] = []
         for msg in self._reader._messages_from((chunk.part, chunk.unit), chunk.start):
             if msg is None:
                 break
@@ -237,7 +265,7 @@ class TopicSource:
                 break
             _, ts = msg.timestamp()
             records.append(
-                InRecord(chunk.part, chunk.unit, offset, max(0, ts), msg.key(), msg.value(), ())
+                Record(chunk.part, chunk.unit, offset, max(0, ts), msg.key(), msg.value(), ())
             )
             if offset + 1 >= end:
                 break

@@ -29,7 +29,8 @@ from confluent_kafka import Message
 from pipeline.errors import ConfigError
 from pipeline.kafka.clients import producer
 from pipeline.kafka.offsets import read_topic
-from pipeline.kafka.produce import Outgoing, produce_acked
+from pipeline.kafka.produce import produce_acked
+from pipeline.records import Outgoing
 from pipeline.settings import Settings
 
 PLANNED, RUNNING, DRAINING, COMPLETE, FAILED, CANCELLED = (

@@ -24,6 +24,12 @@ LIVE_WITHIN_S = 30.0
 METRICS_HELP = "Serve /metrics and /healthz here (default: PIPELINE_METRICS_PORT, else none)."
 
 
+def _default_entry(settings: Settings) -> str:
+    """The first stage (in topological order) with a backfill lane, else the first."""
+    with_lane = [s for s in settings.stage_ids if settings.stage(s).backfill_lane]
+    return (with_lane or list(settings.stage_ids))[0]
+
+
 def _serve_metrics(settings: Settings, port: int | None) -> None:
     from pipeline.obs import health
 
@@ -52,7 +58,7 @@ def _source_from_options(
     if from_parquet is not None:
         if start or end:
             raise click.UsageError("--start/--end go with --from-topic")
-        return ParquetSource(from_parquet)
+        return ParquetSource.from_settings(settings, from_parquet)
     if not start or not end:
         raise click.UsageError("--from-topic needs --start and --end (ISO 8601 times or offsets)")
     assert from_topic is not None
@@ -67,9 +73,10 @@ def _source_from_options(
 @click.option(
     "--stage",
     "entry_stage",
-    type=click.Choice(["parse", "ingest"]),
+    metavar="STAGE",
     default=None,
-    help="Entry stage (default backfill.entry_stage: parse, through its backfill lane).",
+    help="Entry stage: its backfill lane (default: backfill.entry_stage, else the first "
+    "stage with a lane).",
 )
 @click.option(
     "--chunk-size", type=click.IntRange(1, 1_000_000), default=None, help="Rows per chunk."
@@ -109,7 +116,8 @@ def run_cmd(
 
     settings = settings_from(ctx)
     conf = settings.backfill
-    entry = entry_stage or conf.entry_stage
+    entry = entry_stage or conf.entry_stage or _default_entry(settings)
+    settings.stage(entry)  # ConfigError naming the declared stages
     size = chunk_size or conf.chunk_size
     rows_per_s = conf.rate if rate is None else rate
     run_id = check_run_id(run_id) if run_id else new_run_id()

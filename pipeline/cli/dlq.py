@@ -17,7 +17,9 @@ from typing import Any, TypeVar
 import click
 
 from dlq import export, purge, read, redrive, view
+from dlq.reasons import FRAMEWORK
 from pipeline.cli.common import cell, clean, handle_errors, print_table, settings_from
+from pipeline.settings import Settings
 from pipeline.timeparse import parse_instant, to_ms
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -70,9 +72,8 @@ def _filter_options(*, stages: bool = True, limit: bool = True) -> Callable[[F],
                 "reasons",
                 multiple=True,
                 metavar="REASON",
-                help="Only this reason (repeatable): "
-                + ", ".join(read.REASONS)
-                + ", or '?' for malformed dead letters.",
+                help="Only this reason (repeatable; `dlq summary` lists them), "
+                "or '?' for malformed dead letters.",
             ),
             click.option(
                 "--since",
@@ -130,9 +131,9 @@ def dlq_list(
     as_json: bool,
 ) -> None:
     """Dead letters of the chosen stages, oldest offset first."""
-    chosen = read.parse_stages(stages)
-    filters = read.make_filters(reasons, since, until, limit)
     settings = settings_from(ctx)
+    chosen = read.parse_stages(stages, settings.stage_ids)
+    filters = read.make_filters(reasons, since, until, limit, _known(settings, chosen))
     letters = read.read_dead_letters(settings, chosen, filters)
     if as_json:
         _echo_json([view.brief(d) for d in letters])
@@ -174,12 +175,12 @@ def dlq_summary(
     as_json: bool,
 ) -> None:
     """Dead letters counted by stage and reason, with the oldest and newest failed-at."""
-    chosen = read.parse_stages(stages)
-    filters = read.make_filters(reasons, since, until)
     settings = settings_from(ctx)
+    chosen = read.parse_stages(stages, settings.stage_ids)
+    filters = read.make_filters(reasons, since, until, known=_known(settings, chosen))
     letters = read.iter_dead_letters(settings, chosen)
     try:
-        rows = view.summarize(filters.apply(letters))
+        rows = view.summarize(filters.apply(letters), settings.stage_ids)
     finally:
         letters.close()
     if as_json:
@@ -229,8 +230,8 @@ def dlq_show(ctx: click.Context, ref: str, as_json: bool) -> None:
 
     REF is <stage>:<dlq partition>:<dlq offset>, as printed by `pipeline dlq list`.
     """
-    where = read.parse_ref(ref)
     settings = settings_from(ctx)
+    where = read.parse_ref(ref, settings.stage_ids)
     letter = read.find(settings, where)
     key, value = view.preview(letter.key), view.preview(letter.value)
     if as_json:
@@ -315,9 +316,9 @@ def dlq_export(
     as base64 (key_b64, value_b64, …) plus a text field where they are UTF-8.
     """
     kind = export.export_format(out)
-    chosen = read.parse_stages(stages)
-    filters = read.make_filters(reasons, since, until, limit)
     settings = settings_from(ctx)
+    chosen = read.parse_stages(stages, settings.stage_ids)
+    filters = read.make_filters(reasons, since, until, limit, _known(settings, chosen))
     letters = read.iter_dead_letters(settings, chosen)
     try:
         count = export.export(filters.apply(letters), out)
@@ -372,9 +373,9 @@ def dlq_replay(
     Replayed dead letters stay in the dead-letter topic: replaying them again sends
     them again. Narrow with --since/--until, or `pipeline dlq purge` them after.
     """
-    (chosen,) = read.parse_stages([stage])
-    filters = read.make_filters(reasons, since, until, limit)
     settings = settings_from(ctx)
+    (chosen,) = read.parse_stages([stage], settings.stage_ids)
+    filters = read.make_filters(reasons, since, until, limit, _known(settings, [chosen]))
     report = redrive.replay(
         settings, chosen, filters, max_replays=max_replays, dry_run=dry_run, rate=rate
     )
@@ -404,8 +405,24 @@ def dlq_replay(
         click.echo(f"refused (replay-count >= {max_replays}): {shown}{more}")
 
 
-def _reason_order(reason: str) -> tuple[int, str]:
-    return (read.REASONS.index(reason) if reason in read.REASONS else len(read.REASONS), reason)
+def _known(settings: Settings, stages: Sequence[str]) -> list[str] | None:
+    """The reasons ``stages`` declare (framework ones first), or None when a stage's
+    code cannot be imported here (then any well-formed reason is accepted)."""
+    from pipeline.errors import ConfigError
+    from pipeline.registry import resolve
+
+    declared: dict[str, None] = dict.fromkeys(FRAMEWORK)
+    for stage in stages:
+        try:
+            definition = resolve(stage, settings.stage(stage).uses, settings.python_paths())
+        except ConfigError:
+            return None
+        declared.update(dict.fromkeys(sorted(definition.reasons)))
+    return list(declared)
+
+
+def _reason_order(reason: str) -> tuple[bool, str]:
+    return (reason in FRAMEWORK, reason)
 
 
 @dlq.command("purge")
@@ -433,9 +450,9 @@ def dlq_purge(ctx: click.Context, stage: str, before: str, yes: bool, as_json: b
     retention.ms expires. A dead letter without a readable failed-at stops the
     floor.
     """
-    (chosen,) = read.parse_stages([stage])
-    before_ms = to_ms(parse_instant(before, "--before"))
     settings = settings_from(ctx)
+    (chosen,) = read.parse_stages([stage], settings.stage_ids)
+    before_ms = to_ms(parse_instant(before, "--before"))
     report = purge.purge(settings, chosen, before_ms, dry_run=not yes)
     if as_json:
         _echo_json(report.as_json())

@@ -36,7 +36,7 @@ def trace_command(ctx: click.Context, lineage_id: str, as_json: bool) -> None:
     Exits 1 if no hop of it exists."""
     settings = settings_from(ctx)
     found = trace.trace(settings, lineage_id)
-    if not found.hops:
+    if not found.hops and not found.children:
         raise PipelineError(
             f"no hop of {lineage_id} on {settings.lineage_topic}; check the id (a ULID from "
             "the lineage-id header) and that the record reached ingest"
@@ -48,8 +48,11 @@ def trace_command(ctx: click.Context, lineage_id: str, as_json: bool) -> None:
     for hop in found.hops:
         detail = hop.get("reason") or ""
         if hop["outcome"] == hops.COUNTED:
-            device, metric, start = hop["window"]
-            detail = f"window {device} {metric} {from_ms(start).isoformat()}"
+            *key, start = hop["window"]
+            when = from_ms(start).isoformat() if isinstance(start, int) else start
+            detail = f"into {' '.join(str(k) for k in key)} {when}"
+        elif hop.get("parent"):
+            detail = f"from {hop['parent']}"
         rows.append(
             [
                 from_ms(hop["at"]).isoformat(timespec="milliseconds"),
@@ -61,11 +64,13 @@ def trace_command(ctx: click.Context, lineage_id: str, as_json: bool) -> None:
             ]
         )
     print_table(["at", "stage", "outcome", "in", "out", "detail"], rows)
+    if found.parent:
+        click.echo(f"parent: {found.parent} (split by a stage into this and other records)")
+    for child in found.children:
+        click.echo(f"child: {child}")
     for window in found.windows:
-        click.echo(
-            f"aggregate {window['device_id']} {window['metric']} "
-            f"[{from_ms(window['window_start']).isoformat()}, "
-            f"{from_ms(window['window_end']).isoformat()}): count {window['count']}, "
-            f"mean {window['mean']:.3f}, at {_where(window['at'])}"
+        summary = ", ".join(
+            f"{k} {v}" for k, v in window.items() if k != "at" and not isinstance(v, dict | list)
         )
+        click.echo(f"result at {_where(window['at'])}: {summary}")
     click.echo(f"end: {found.end}")

@@ -27,8 +27,8 @@ from pipeline.cli.dlq import dlq
 from pipeline.cli.lineage import lineage_group
 from pipeline.cli.replay import replay
 from pipeline.cli.status import status
+from pipeline.cli.topology import topology
 from pipeline.kafka.clients import install_log_filter
-from pipeline.settings import STAGE_IDS
 
 
 @click.group()
@@ -41,7 +41,8 @@ from pipeline.settings import STAGE_IDS
 )
 @click.pass_context
 def cli(ctx: click.Context, config: str | None) -> None:
-    """IoT streaming pipeline on Kafka: ingest → parse → enrich → aggregate."""
+    """A streaming pipeline on Kafka: the stages config/pipeline.yaml declares
+    (built in: ingest → parse → enrich → aggregate). `pipeline topology` shows them."""
     ctx.ensure_object(dict)
     ctx.obj["config"] = config
 
@@ -149,7 +150,7 @@ def devices() -> None:
 @handle_errors
 def devices_load(ctx: click.Context, csv_file: str) -> None:
     """Publish a registry CSV (device_id,site,device_type,unit[,calibration_offset,...])."""
-    from pipeline.demo.registry import publish_registry
+    from pipeline.demo.registry import publish_registry, registry_topic
     from stages.enrich import read_registry_csv
 
     settings = settings_from(ctx)
@@ -158,20 +159,21 @@ def devices_load(ctx: click.Context, csv_file: str) -> None:
     except ValueError as exc:
         fail(f"{csv_file}: {exc}", EXIT_CONFIG)
     count = publish_registry(settings, registry)
-    click.echo(f"published {count} devices to {settings.stages['enrich'].registry_topic}")
+    click.echo(f"published {count} devices to {registry_topic(settings)}")
 
 
 @cli.command()
-@click.argument("stage", type=click.Choice(STAGE_IDS))
+@click.argument("stage")
 @click.option("--metrics-port", type=int, default=None, help="Serve /metrics on this port.")
 @click.pass_context
 @handle_errors
 def run(ctx: click.Context, stage: str, metrics_port: int | None) -> None:
-    """Run one stage worker against the configured broker (what a pod runs)."""
-    from pipeline.runtime.app import run_stage
+    """Run one worker of STAGE, any stage pipeline.yaml declares (what a pod runs)."""
+    from pipeline.runtime.worker import run_stage
 
     overrides = {"metrics_port": metrics_port} if metrics_port is not None else {}
     settings = settings_from(ctx, **overrides)
+    settings.stage(stage)  # ConfigError naming the declared stages
     logging.getLogger("pipeline.rdkafka").propagate = True
     logging.basicConfig(
         level=settings.log_level.upper(),
@@ -264,6 +266,7 @@ cli.add_command(dlq)
 cli.add_command(lineage_group)
 cli.add_command(status)
 cli.add_command(backfill)
+cli.add_command(topology)
 
 
 def main() -> None:

@@ -1,32 +1,36 @@
-"""Publishing the device registry to its compacted topic."""
+"""Publishing the built-in example's device registry to its compacted topic."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from pipeline.errors import DeliveryError
+from pipeline.errors import ConfigError
 from pipeline.kafka.clients import producer
+from pipeline.kafka.produce import produce_acked
 from pipeline.settings import Settings
-from stages.enrich import Device
+from stages.enrich import REGISTRY, Device
+
+
+def registry_topic(settings: Settings) -> str:
+    """The topic of the ``devices`` lookup some stage declares."""
+    for stage_id in settings.stage_ids:
+        topic = settings.stage(stage_id).lookups.get(REGISTRY)
+        if topic is not None:
+            return topic
+    raise ConfigError(
+        f"no stage declares a lookup named {REGISTRY!r} (stages.<id>.lookups); "
+        "this config has no device registry"
+    )
 
 
 def publish_registry(settings: Settings, devices: Sequence[Device], timeout: float = 30.0) -> int:
-    """Write each device (key = device_id) and wait for acknowledgement."""
-    topic = settings.stages["enrich"].registry_topic
-    assert topic is not None
-    client = producer(settings)
-    failures: list[str] = []
-
-    def on_delivery(err: object, _msg: object) -> None:
-        if err is not None:
-            failures.append(str(err))
-
-    for device in devices:
-        client.produce(topic, device.to_json(), device.device_id.encode(), on_delivery=on_delivery)
-        client.poll(0)
-    remaining = client.flush(timeout)
-    if remaining or failures:
-        raise DeliveryError(
-            f"{remaining + len(failures)} registry record(s) not acknowledged: {failures[:1]}"
-        )
+    """Write each device (key = device_id) and wait for acknowledgement; BrokerError
+    (one line) if the broker refused or did not acknowledge one."""
+    topic = registry_topic(settings)
+    produce_acked(
+        producer(settings),
+        [(topic, d.device_id.encode(), d.to_json(), [], None) for d in devices],
+        f"publish the device registry to {topic}",
+        timeout=timeout,
+    )
     return len(devices)

@@ -37,7 +37,7 @@ from pipeline.kafka.clients import admin
 from pipeline.kafka.embedded import BrokerHandle, free_port, resolve_broker
 from pipeline.kafka.offsets import read_topic
 from pipeline.kafka.topics import check_topics, create_topics
-from pipeline.settings import STAGE_IDS, Settings, default_config_path
+from pipeline.settings import Settings, default_config_path
 from stages.enrich import read_registry_csv
 
 AGGREGATE_COLUMNS = (
@@ -100,7 +100,7 @@ def _start_workers(
     settings: Settings, config_path: Path, window_s: int, log_dir: Path
 ) -> list[Worker]:
     workers = []
-    for stage in STAGE_IDS:
+    for stage in settings.stage_ids:
         port = free_port()
         env = {
             **os.environ,
@@ -108,9 +108,9 @@ def _start_workers(
             "PIPELINE_CONFIG": str(config_path),
             "PIPELINE_METRICS_PORT": str(port),
             "PIPELINE_METRICS_HOST": "127.0.0.1",
-            "PIPELINE_AGGREGATE__WINDOW_S": str(window_s),
-            "PIPELINE_AGGREGATE__ALLOWED_LATENESS_S": str(min(2, window_s)),
-            "PIPELINE_AGGREGATE__IDLE_TIMEOUT_S": "2",
+            "PIPELINE_STAGES__AGGREGATE__CONFIG__WINDOW_S": str(window_s),
+            "PIPELINE_STAGES__AGGREGATE__CONFIG__ALLOWED_LATENESS_S": str(min(2, window_s)),
+            "PIPELINE_STAGES__AGGREGATE__IDLE_TIMEOUT_S": "2",
             "PIPELINE_RUNNER__SESSION_TIMEOUT_S": "6",
             "PIPELINE_RUNNER__FETCH_MAX_WAIT_MS": "100",
             # unknown devices: 3 quick attempts, so the demo's dead letters come soon
@@ -176,7 +176,7 @@ def _drained(settings: Settings, workers: list[Worker], sent: int) -> bool:
     by = {w.stage: w for w in workers}
     consumed = "pipeline_records_consumed_total"
     upstream: str | None = None
-    for stage in STAGE_IDS:
+    for stage in settings.stage_ids:
         spec = settings.stages[stage]
         want = sent if upstream is None else by[upstream].get("pipeline_records_produced_total")
         if sum(by[stage].get(consumed, t) for t in spec.inputs) < want:
@@ -304,7 +304,8 @@ def run_demo(
                 live.update(_view(workers, sim, "done"), refresh=True)
         aggregates = [
             orjson.loads(m.value() or b"null")
-            for m in read_topic(settings, settings.stages["aggregate"].output)
+            for topic in settings.topology.final_topics()
+            for m in read_topic(settings, topic)
         ]
         write_aggregates(aggregates, out_dir / "aggregates.parquet")
         counted = sum(a["count"] for a in aggregates)

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 import orjson
 
-from dlq.reasons import Reason
 from pipeline.errors import DeliveryError
 from pipeline.kafka.clients import producer
 from pipeline.settings import Settings
@@ -25,13 +24,13 @@ METRICS = (
     ("power", "W", 800.0, 300.0),
     ("pressure", "hPa", 1013.0, 8.0),
 )
-BAD_KINDS: tuple[tuple[Reason, str], ...] = (
-    (Reason.DECODE_ERROR, "parse"),
-    (Reason.SCHEMA_VIOLATION, "parse"),
-    (Reason.OUT_OF_RANGE, "parse"),
-    (Reason.TOO_LARGE, "ingest"),
-    (Reason.EMPTY, "ingest"),
-    (Reason.UNKNOWN_DEVICE, "enrich"),
+BAD_KINDS: tuple[tuple[str, str], ...] = (
+    ("decode_error", "parse"),
+    ("schema_violation", "parse"),
+    ("out_of_range", "parse"),
+    ("too_large", "ingest"),
+    ("empty", "ingest"),
+    ("unknown_device", "enrich"),
 )
 
 
@@ -137,14 +136,14 @@ def generate(
 
 
 def _bad(
-    rng: random.Random, reason: Reason, stage: str, device_id: str, ts: int, max_payload: int
+    rng: random.Random, reason: str, stage: str, device_id: str, ts: int, max_payload: int
 ) -> SimRecord:
     """A poison record; each is unique (its own seq), so ingest never drops one as a repeat."""
     key = device_id.encode()
     seq = rng.randrange(10**6, 10**12)
-    if reason is Reason.DECODE_ERROR:
+    if reason == "decode_error":
         value = rng.choice([b"{not json", b"\xff\xfe\x00binary", b"a,b,c", b"[1,2,3]"])
-    elif reason is Reason.SCHEMA_VIOLATION:
+    elif reason == "schema_violation":
         value = orjson.dumps(
             rng.choice(
                 [
@@ -167,7 +166,7 @@ def _bad(
                 ]
             )
         )
-    elif reason is Reason.OUT_OF_RANGE:
+    elif reason == "out_of_range":
         value = orjson.dumps(
             rng.choice(
                 [
@@ -190,7 +189,7 @@ def _bad(
                 ]
             )
         )
-    elif reason is Reason.TOO_LARGE:
+    elif reason == "too_large":
         value = orjson.dumps(
             {
                 "device_id": device_id,
@@ -202,7 +201,7 @@ def _bad(
                 "pad": "x" * (max_payload + 10),
             }
         )
-    elif reason is Reason.EMPTY:
+    elif reason == "empty":
         value = b""
     else:  # UNKNOWN_DEVICE
         ghost = f"ghost-{rng.randrange(1_000_000):06d}"
@@ -238,7 +237,8 @@ def run_simulator(
 ) -> dict[str, int]:
     """Produce readings at ``rate``/s for ``duration`` s (live event times) to the
     ingest input; return counts by kind. Waits for every record to be acknowledged."""
-    topic = settings.stages["ingest"].inputs[0]
+    entry = settings.topology.entry_stages()[0]
+    topic = settings.stage(entry).inputs[0]
     client = producer(settings)
     total = max(1, int(rate * duration))
     interval_ms = max(1, int(1000 * devices / rate))
@@ -252,7 +252,7 @@ def run_simulator(
         bad_ratio=bad_ratio,
         dup_ratio=dup_ratio,
         seed=seed,
-        max_payload=settings.ingest.max_payload_bytes,
+        max_payload=int(settings.stage(entry).config.get("max_payload_bytes", 65536)),
     )
     for sent, record in enumerate(records, start=1):
         if stop():

@@ -1,11 +1,7 @@
-"""confluent-kafka clients built from settings, and broker facts read correctly.
+"""confluent-kafka clients built from settings.
 
 Every Kafka client the project creates gets its connection and security settings
 from :func:`client_config`, so SASL/TLS flow everywhere from one place.
-
-:func:`high_watermarks` reads partition end offsets from a Fetch response rather
-than ListOffsets: the embedded broker answers ListOffsets with the base offset of
-the last batch + 1, not the end (see TEST_BROKER.md); on real Kafka both agree.
 """
 
 from __future__ import annotations

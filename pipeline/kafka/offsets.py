@@ -1,7 +1,4 @@
-"""confluent-kafka clients built from settings, and broker facts read correctly.
-
-Every Kafka client the project creates gets its connection and security settings
-from :func:`client_config`, so SASL/TLS flow everywhere from one place.
+"""Broker facts read correctly: end offsets, committed offsets, lag, whole topics.
 
 :func:`high_watermarks` reads partition end offsets from a Fetch response rather
 than ListOffsets: the embedded broker answers ListOffsets with the base offset of

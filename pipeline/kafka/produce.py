@@ -1,11 +1,10 @@
-"""confluent-kafka clients built from settings, and broker facts read correctly.
+"""Producing and waiting for the broker's acknowledgement.
 
-Every Kafka client the project creates gets its connection and security settings
-from :func:`client_config`, so SASL/TLS flow everywhere from one place.
-
-:func:`high_watermarks` reads partition end offsets from a Fetch response rather
-than ListOffsets: the embedded broker answers ListOffsets with the base offset of
-the last batch + 1, not the end (see TEST_BROKER.md); on real Kafka both agree.
+:class:`AsyncProducer` (stage workers) and :func:`produce_acked` (the CLI, the
+backfill controller) both return only once every record of a batch is
+acknowledged, and raise :class:`~pipeline.errors.DeliveryError` /
+:class:`~pipeline.errors.BrokerError` if any was refused: callers commit input
+offsets, or checkpoint, only after that.
 """
 
 from __future__ import annotations
@@ -14,7 +13,6 @@ import asyncio
 import itertools
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -26,16 +24,7 @@ from confluent_kafka import (
 )
 
 from pipeline.errors import BrokerError, DeliveryError
-
-
-@dataclass(frozen=True, slots=True)
-class Delivered:
-    topic: str
-    partition: int
-    offset: int
-
-
-Outgoing = tuple[str, bytes | None, bytes | None, list[tuple[str, bytes]], int | None]
+from pipeline.records import Deliveries, Outgoing, Partitioned
 
 
 def produce_acked(
@@ -97,44 +86,6 @@ def produce_acked(
         )
         raise BrokerError(f"cannot {what}: {why}; {hint}")
     return acked
-
-
-#: a record for a given partition, without headers or timestamp (a changelog write):
-#: ``(topic, partition, key, value)``; a None value is a tombstone
-Partitioned = tuple[str, int, bytes | None, bytes | None]
-
-
-class Deliveries(Sequence[Delivered]):
-    """The broker's acknowledgements of one batch, in the order it was produced.
-
-    Kept as two arrays (``partitions``, ``offsets``) plus the produced records'
-    topics; a :class:`Delivered` is made only when one is asked for.
-    """
-
-    __slots__ = ("_records", "offsets", "partitions")
-
-    def __init__(
-        self,
-        records: Sequence[Outgoing | Partitioned],
-        partitions: list[int],
-        offsets: list[int],
-    ) -> None:
-        self._records = records
-        self.partitions = partitions
-        self.offsets = offsets
-
-    def __len__(self) -> int:
-        return len(self.offsets)
-
-    def topic(self, index: int) -> str:
-        return self._records[index][0]
-
-    def __getitem__(self, index: Any) -> Any:
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]
-        if index < 0:
-            index += len(self)
-        return Delivered(self._records[index][0], self.partitions[index], self.offsets[index])
 
 
 class _Pending:

@@ -10,11 +10,15 @@ A hop says what one stage did with one record::
 * ``passed``: written to the stage's output (``out``);
 * ``dead_letter``: written to the stage's dead-letter topic (``out``), ``reason`` set;
 * ``retry``: written to the stage's retry topic (``out``), ``reason`` set;
-* ``counted``: the aggregate counted it in ``window`` = [device, metric, start ms];
-  the window's result is the ``iot.aggregates`` record with that key and start.
+* ``counted``: a stateful stage absorbed it into ``window`` (the state's reference,
+  e.g. [device, metric, window start ms]); the result is the stage's output record
+  whose ``state-ref`` header is that reference;
+* ``dropped``: the stage wrote nothing for it (a filter).
 
-Exact repeats of a reading share its lineage id; the aggregate drops them without a
-hop (they are counted in ``pipeline_duplicates_dropped_total``).
+A record one stage split into several (a fan-out) has a hop per child, under the
+child's own lineage id, with ``parent`` naming the input's. Exact repeats of a
+record share its lineage id; stages drop them without a hop (they are counted in
+``pipeline_duplicates_dropped_total``).
 
 On the topic, the hops of one batch travel together (format 2): one record per
 batch (per :data:`MAX_HOPS` hops), keyed ``<stage>/<topic>/<partition>`` of the
@@ -24,6 +28,8 @@ batch's input, whose value holds the hops column-wise, one group per outcome::
      "groups": [
        {"outcome": "passed", "ids": "01J… 01J…", "in_offsets": [1041, 1042],
         "out": "iot.parsed", "partitions": [1, 3], "offsets": [977, 412]},
+       (or "outs": [topic per hop] when a batch wrote to several topics; "parents":
+        [lineage id of the input, "" when the same] after a fan-out)
        {"outcome": "dead_letter", "ids": "01J…", "in": [["iot.raw", 2, 1043]],
         "out": "iot.parse.dlq", "partitions": [0], "offsets": [17],
         "reasons": ["schema_violation"]},
@@ -50,16 +56,18 @@ import orjson
 
 from dlq import retry
 from pipeline import contract
-from pipeline.kafka.produce import Delivered, Deliveries, Outgoing
-from pipeline.records import InRecord, StageResult
+from pipeline.engine.result import BatchResult
+from pipeline.records import Delivered, Deliveries, Outgoing, Record
 
 PASSED, DEAD_LETTER, RETRY, COUNTED = "passed", "dead_letter", "retry", "counted"
+DROPPED = "dropped"
 
 FORMAT = 2
 #: hops per lineage record at most (keeps a record far below Kafka's 1 MB limit)
 MAX_HOPS = 2000
 
 _H_LINEAGE = contract.H_LINEAGE
+_H_PARENT = contract.H_LINEAGE_PARENT
 
 
 def _lineage(headers: Sequence[tuple[str, bytes | None]]) -> bytes | None:
@@ -86,35 +94,31 @@ def _ids(ids: Iterable[bytes]) -> str:
 def batch_hops(
     stage: str,
     topic: str,
-    records: Sequence[InRecord],
-    result: StageResult,
+    records: Sequence[Record],
+    result: BatchResult,
     retries: Sequence[Outgoing],
     delivered: Sequence[Delivered],
     now_ms: int,
-    out_topics: tuple[str, str, str] | None = None,
+    output_topics: Sequence[str],
+    retry_topic: str,
+    dlq_topic: str,
 ) -> list[Outgoing]:
     """The hops of one delivered batch: the records (format 2) to produce to ``topic``.
 
     ``delivered`` is the broker's answer for outputs, then ``retries``, then dead
-    letters, in that order (as :meth:`pipeline.bindings.Binding.deliver` sends them).
-    ``out_topics`` names the output, retry and dead-letter topics (else they are
-    taken from ``delivered``).
+    letters, in that order (as :class:`pipeline.engine.runner.StageRunner` sends
+    them); ``output_topics`` names each output's topic.
     """
     if not records:
         return []
     in_topic, in_partition = records[0].topic, records[0].partition
     n_out, n_retry = len(result.outputs), len(retries)
-
-    def out_topic(which: int, index: int) -> str:
-        if out_topics is not None:
-            return out_topics[which]
-        return delivered[index].topic
-
     groups: list[tuple[str, dict[str, Any], int]] = []  # (outcome, group, size)
 
-    # passed: 1:1 outputs (aggregate results have no source_offset: see ``counted``)
+    # passed: outputs made from an input record (not from state: see ``counted``)
     ids: list[bytes] = []
     in_offsets: list[int] = []
+    parents: list[str] | None = None
     picked: list[int] | None = None
     for index, record in enumerate(result.outputs):
         lineage = _lineage(record.headers)
@@ -122,27 +126,40 @@ def batch_hops(
             if picked is None:
                 picked = list(range(index))
             continue
+        parent = _parent(record.headers)
+        if parent is not None:
+            if parents is None:
+                parents = [""] * len(ids)
+            parents.append(parent.decode("ascii", "replace"))
+        elif parents is not None:
+            parents.append("")
         ids.append(lineage)
         in_offsets.append(record.source_offset)
         if picked is not None:
             picked.append(index)
     if ids:
         partitions, offsets = _where(delivered, 0, n_out)
+        topics = list(output_topics)
         if picked is not None:
             partitions = [partitions[i] for i in picked]
             offsets = [offsets[i] for i in picked]
-        group = {
+            topics = [topics[i] for i in picked]
+        group: dict[str, Any] = {
             "outcome": PASSED,
             "ids": _ids(ids),
             "in_offsets": in_offsets,
-            "out": out_topic(0, 0),
-            "partitions": partitions,
-            "offsets": offsets,
         }
+        if len(set(topics)) == 1:
+            group["out"] = topics[0]
+        else:
+            group["outs"] = topics
+        group["partitions"], group["offsets"] = partitions, offsets
+        if parents is not None:
+            group["parents"] = parents
         groups.append((PASSED, group, len(ids)))
 
     def coordinated(
-        outcome: str, which: int, start: int, items: Sequence[tuple[bytes | None, list[Any], str]]
+        outcome: str, out: str, start: int, items: Sequence[tuple[bytes | None, list[Any], str]]
     ) -> None:
         kept = [(i, item) for i, item in enumerate(items) if item[0] is not None]
         if not kept:
@@ -152,7 +169,7 @@ def batch_hops(
             "outcome": outcome,
             "ids": _ids(item[0] for _, item in kept),  # type: ignore[misc]
             "in": [item[1] for _, item in kept],
-            "out": out_topic(which, start),
+            "out": out,
             "partitions": [partitions[i] for i, _ in kept],
             "offsets": [offsets[i] for i, _ in kept],
             "reasons": [item[2] for _, item in kept],
@@ -165,22 +182,29 @@ def batch_hops(
             at = retry.origin(headers, in_topic, in_partition, -1, 0)
             reason = dict(headers).get(retry.REASON, b"").decode()
             items.append((_lineage(headers), [at.topic, at.partition, at.offset], reason))
-        coordinated(RETRY, 1, n_out, items)
+        coordinated(RETRY, retry_topic, n_out, items)
     if result.dead:
         items = [
             (_lineage(d.headers), [d.topic, d.partition, d.offset], str(d.reason))
             for d in result.dead
         ]
-        coordinated(DEAD_LETTER, 2, n_out + n_retry, items)
-    counted = getattr(result, "counted", ())
-    if counted:
+        coordinated(DEAD_LETTER, dlq_topic, n_out + n_retry, items)
+    if result.counted:
         group = {
             "outcome": COUNTED,
-            "ids": " ".join([lineage_id for _, lineage_id, _ in counted]),
-            "in_offsets": [offset for offset, _, _ in counted],
-            "windows": [window for _, _, window in counted],
+            "ids": " ".join([lineage_id for _, lineage_id, _ in result.counted]),
+            "in_offsets": [offset for offset, _, _ in result.counted],
+            "windows": [ref for _, _, ref in result.counted],
         }
-        groups.append((COUNTED, group, len(counted)))
+        groups.append((COUNTED, group, len(result.counted)))
+    dropped = [(lineage, r.offset) for r in result.dropped if (lineage := _lineage(r.headers))]
+    if dropped:
+        group = {
+            "outcome": DROPPED,
+            "ids": _ids(lineage for lineage, _ in dropped),
+            "in_offsets": [offset for _, offset in dropped],
+        }
+        groups.append((DROPPED, group, len(dropped)))
     if not groups:
         return []
     key = f"{stage}/{in_topic}/{in_partition}".encode()
@@ -194,7 +218,14 @@ def batch_hops(
     ]
 
 
-_COLUMNS = ("in_offsets", "in", "partitions", "offsets", "reasons", "windows")
+def _parent(headers: Sequence[tuple[str, bytes | None]]) -> bytes | None:
+    for name, value in headers:
+        if name == _H_PARENT:
+            return value
+    return None
+
+
+_COLUMNS = ("in_offsets", "in", "partitions", "offsets", "reasons", "windows", "outs", "parents")
 
 
 def _chunks(groups: list[tuple[dict[str, Any], int]]) -> list[list[dict[str, Any]]]:
@@ -236,7 +267,11 @@ def expand(value: bytes | None) -> list[dict[str, Any]]:
         outcome = group["outcome"]
         ids = group["ids"].split(" ") if group["ids"] else []
         out = group.get("out")
+        outs = group.get("outs")
+        parents = group.get("parents")
         for i, lineage_id in enumerate(ids):
+            if outs is not None:
+                out = outs[i]
             if "in" in group:
                 source = group["in"][i]
             else:
@@ -252,6 +287,8 @@ def expand(value: bytes | None) -> list[dict[str, Any]]:
                 hop["reason"] = group["reasons"][i]
             if "windows" in group:
                 hop["window"] = group["windows"][i]
+            if parents is not None and parents[i]:
+                hop["parent"] = parents[i]
             hop["at"] = at
             found.append(hop)
     return found

@@ -1,63 +1,34 @@
-"""Record lineage: every record's hop through every stage, on the lineage topic.
+"""Tracing one record: every hop it made, read back from the lineage topic.
 
-A hop says what one stage did with one record::
+A trace is the hops (:mod:`pipeline.lineage.hops`) of one lineage id in the order
+they happened, plus:
 
-    {"id": "01J…", "stage": "parse", "in": ["iot.raw", 2, 1041],
-     "out": ["iot.parsed", 1, 977], "outcome": "passed", "at": 1764400000123}
+* the **parent's** hops before them when the record is a fan-out's child (its
+  hop names the ``parent``), so the path starts where the record entered;
+* its **children** when a stage split it into several records;
+* the **results** its ``counted`` hops name: the counting stage's output records
+  whose ``state-ref`` header is the hop's reference (e.g. the window).
 
-``outcome`` is one of:
-
-* ``passed``: written to the stage's output (``out``);
-* ``dead_letter``: written to the stage's dead-letter topic (``out``), ``reason`` set;
-* ``retry``: written to the stage's retry topic (``out``), ``reason`` set;
-* ``counted``: the aggregate counted it in ``window`` = [device, metric, start ms];
-  the window's result is the ``iot.aggregates`` record with that key and start.
-
-Exact repeats of a reading share its lineage id; the aggregate drops them without a
-hop (they are counted in ``pipeline_duplicates_dropped_total``).
-
-On the topic, the hops of one batch travel together (format 2): one record per
-batch (per :data:`MAX_HOPS` hops), keyed ``<stage>/<topic>/<partition>`` of the
-batch's input, whose value holds the hops column-wise, one group per outcome::
-
-    {"v": 2, "stage": "parse", "at": 1764400000123, "in": ["iot.raw", 2],
-     "groups": [
-       {"outcome": "passed", "ids": "01J… 01J…", "in_offsets": [1041, 1042],
-        "out": "iot.parsed", "partitions": [1, 3], "offsets": [977, 412]},
-       {"outcome": "dead_letter", "ids": "01J…", "in": [["iot.raw", 2, 1043]],
-        "out": "iot.parse.dlq", "partitions": [0], "offsets": [17],
-        "reasons": ["schema_violation"]},
-       {"outcome": "counted", "ids": "…", "in_offsets": […],
-        "windows": [["dev-1", "temp", 1764399960000], …]}]}
-
-``ids`` are the records' lineage ids separated by a space; the other lists are
-parallel to them. A per-record record (format 1: the hop itself, keyed by its
-lineage id, as stages wrote before) is still read. One record per batch instead of
-one per record per stage halves what a stage produces; :func:`expand` turns a
-value back into hops, and :func:`trace_many` reads the whole lineage topic.
-
-Hops of a batch are produced after its outputs were acknowledged (they carry the
-output offsets) and before the batch is acked, so a committed record always has
-its hop; a crash in between may write a hop twice.
+How it ended: ``window`` (counted, result found), ``dead_letter``, ``dropped``
+(filtered out), ``output`` (written to a topic no stage reads), ``fanned_out``
+(split into children), or ``in_flight`` / ``unknown``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
+from pipeline.contract import H_STATE_REF
 from pipeline.errors import ConfigError
 from pipeline.kafka.offsets import read_topic
-from pipeline.lineage.hops import expand
+from pipeline.lineage.hops import COUNTED, DEAD_LETTER, DROPPED, PASSED, expand
 from pipeline.settings import Settings
 
-PASSED, DEAD_LETTER, RETRY, COUNTED = "passed", "dead_letter", "retry", "counted"
-
-
-STAGE_ORDER = {"ingest": 0, "parse": 1, "enrich": 2, "aggregate": 3}
+COMPLETE_ENDS = ("window", "dead_letter", "dropped", "output", "fanned_out")
 
 
 def partition_for(key: bytes, partitions: int) -> int:
@@ -71,57 +42,70 @@ def partition_for(key: bytes, partitions: int) -> int:
 class Trace:
     lineage_id: str
     hops: list[dict[str, Any]]
-    windows: list[dict[str, Any]]  # the aggregate results its ``counted`` hops name
-    end: str  # "window", "dead_letter", "in_flight" or "unknown"
+    windows: list[dict[str, Any]]  # the results its ``counted`` hops name
+    end: str
+    parent: str | None = None
+    children: list[str] = field(default_factory=list)
 
     @property
     def complete(self) -> bool:
-        return self.end in ("window", "dead_letter")
+        return self.end in COMPLETE_ENDS
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "lineage_id": self.lineage_id,
             "end": self.end,
             "complete": self.complete,
+            "parent": self.parent,
+            "children": self.children,
             "hops": self.hops,
             "windows": self.windows,
         }
 
 
-def _end(hops: Sequence[dict[str, Any]], windows: Sequence[dict[str, Any]]) -> str:
+def _end(
+    hops: Sequence[dict[str, Any]],
+    windows: Sequence[dict[str, Any]],
+    children: Sequence[str],
+    final_topics: Sequence[str],
+) -> str:
+    if children:
+        return "fanned_out"
     if not hops:
         return "unknown"
     last = hops[-1]
-    if last["outcome"] == COUNTED:
-        return "window" if windows else "in_flight"  # counted, window not emitted yet
-    if last["outcome"] == DEAD_LETTER:
+    outcome = last["outcome"]
+    if outcome == COUNTED:
+        return "window" if windows else "in_flight"  # counted, result not emitted yet
+    if outcome == DEAD_LETTER:
         return "dead_letter"
+    if outcome == DROPPED:
+        return "dropped"
+    if outcome == PASSED and last.get("out") and last["out"][0] in final_topics:
+        return "output"
     return "in_flight"
 
 
-def order_hops(hops: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def order_hops(hops: list[dict[str, Any]], stage_order: Sequence[str]) -> list[dict[str, Any]]:
     """Hops in the order they happened: by time, then by stage (a batch's hops of
     several stages can share a millisecond only across workers)."""
+    rank = {s: i for i, s in enumerate(stage_order)}
     unique = {orjson.dumps(h, option=orjson.OPT_SORT_KEYS): h for h in hops}
-    return sorted(unique.values(), key=lambda h: (h["at"], STAGE_ORDER.get(h["stage"], 9)))
+    return sorted(unique.values(), key=lambda h: (h["at"], rank.get(h["stage"], len(rank))))
 
 
-def trace_many(settings: Settings, lineage_ids: Sequence[str]) -> dict[str, Trace]:
-    """Traces of several records: reads the lineage topic once (a batch's hops are
-    one record, not keyed by lineage id), and the aggregates topic once."""
-    topic = settings.lineage_topic
-    if topic is None:
-        raise ConfigError("lineage is off: set lineage_topic in pipeline.yaml")
-    wanted = {i.encode(): i for i in lineage_ids}
-    found: dict[str, list[dict[str, Any]]] = {i: [] for i in lineage_ids}
-    # a few ids: skip the batch records that do not mention any (most of them)
-    needles = list(wanted) if len(wanted) <= 16 else None
+def _scan(settings: Settings, topic: str, wanted: set[str]) -> dict[str, list[dict[str, Any]]]:
+    """Hops of ``wanted`` ids, and of children whose parent is wanted (under the
+    parent's id, marked ``child``), from one read of the lineage topic."""
+    found: dict[str, list[dict[str, Any]]] = {i: [] for i in wanted}
+    needles = [i.encode() for i in wanted] if len(wanted) <= 16 else None
     for message in read_topic(settings, topic):
         key, value = message.key(), message.value()
         if not value:
             continue
-        if key in wanted:  # format 1: one hop per record, keyed by its lineage id
-            found[wanted[key]].append(orjson.loads(value))
+        text_key = key.decode("ascii", "replace") if key else None
+        if text_key in wanted:  # format 1: one hop per record, keyed by its lineage id
+            found[text_key].append(orjson.loads(value))
             continue
         if needles is not None and not any(n in value for n in needles):
             continue
@@ -129,28 +113,71 @@ def trace_many(settings: Settings, lineage_ids: Sequence[str]) -> dict[str, Trac
             hops = found.get(hop["id"])
             if hops is not None:
                 hops.append(hop)
-    windows_wanted = {
-        tuple(h["window"]) for hops in found.values() for h in hops if h["outcome"] == COUNTED
+            parent = hop.get("parent")
+            if parent in wanted:
+                found[parent].append({**hop, "child": hop["id"]})
+    return found
+
+
+def _results(settings: Settings, counted: set[tuple[str, bytes]]) -> dict[tuple[str, bytes], Any]:
+    """Output records of the counting stages whose ``state-ref`` is one of ``counted``."""
+    results: dict[tuple[str, bytes], Any] = {}
+    for stage in dict.fromkeys(s for s, _ in counted):
+        spec = settings.stages.get(stage)
+        if spec is None:
+            continue
+        for topic in spec.all_outputs:
+            for message in read_topic(settings, topic):
+                ref = dict(message.headers() or []).get(H_STATE_REF)
+                if isinstance(ref, bytes) and (stage, ref) in counted:
+                    doc = orjson.loads(message.value() or b"{}")
+                    results[(stage, ref)] = {
+                        **(doc if isinstance(doc, dict) else {"value": doc}),
+                        "at": [message.topic(), message.partition(), message.offset()],
+                    }
+    return results
+
+
+def trace_many(settings: Settings, lineage_ids: Sequence[str]) -> dict[str, Trace]:
+    """Traces of several records: reads the lineage topic once (twice when a record
+    is a fan-out's child), and the counting stages' outputs once."""
+    topic = settings.lineage_topic
+    if topic is None:
+        raise ConfigError("lineage is off: set lineage_topic in pipeline.yaml")
+    order = settings.stage_ids
+    found = _scan(settings, topic, set(lineage_ids))
+    parents = {
+        i: next((h["parent"] for h in hops if h.get("parent") and "child" not in h), None)
+        for i, hops in found.items()
     }
-    results: dict[tuple[Any, ...], dict[str, Any]] = {}
-    if windows_wanted:
-        for message in read_topic(settings, settings.stages["aggregate"].output):
-            doc = orjson.loads(message.value() or b"{}")
-            wkey = (doc.get("device_id"), doc.get("metric"), doc.get("window_start"))
-            if wkey in windows_wanted:
-                results[wkey] = {
-                    **doc,
-                    "at": [message.topic(), message.partition(), message.offset()],
-                }
+    wanted_parents = {p for p in parents.values() if p is not None} - set(found)
+    parent_hops = _scan(settings, topic, wanted_parents) if wanted_parents else {}
+    for i, parent in parents.items():
+        if parent is not None:
+            upstream = found.get(parent, parent_hops.get(parent, []))
+            stage = next(h["stage"] for h in found[i] if h.get("parent"))
+            found[i] = [h for h in upstream if "child" not in h and h["stage"] != stage] + found[i]
+    counted = {
+        (h["stage"], orjson.dumps(h["window"]))
+        for hops in found.values()
+        for h in hops
+        if h["outcome"] == COUNTED and "child" not in h
+    }
+    results = _results(settings, counted) if counted else {}
+    finals = settings.topology.final_topics()
     traces = {}
-    for lineage_id, raw_hops in found.items():
-        hops = order_hops(raw_hops)
+    for lineage_id in lineage_ids:
+        raw = found[lineage_id]
+        children = list(dict.fromkeys(h["child"] for h in raw if "child" in h))
+        hops = order_hops([h for h in raw if "child" not in h], order)
         windows = [
-            results[tuple(h["window"])]
+            results[key]
             for h in hops
-            if h["outcome"] == COUNTED and tuple(h["window"]) in results
+            if h["outcome"] == COUNTED
+            and (key := (h["stage"], orjson.dumps(h["window"]))) in results
         ]
-        traces[lineage_id] = Trace(lineage_id, hops, windows, _end(hops, windows))
+        end = _end(hops, windows, children, finals)
+        traces[lineage_id] = Trace(lineage_id, hops, windows, end, parents[lineage_id], children)
     return traces
 
 

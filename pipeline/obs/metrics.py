@@ -7,12 +7,12 @@ device id or a payload value.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from pipeline.contract import H_INGEST_TS
-from pipeline.records import InRecord
+from pipeline.records import Record
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -33,7 +33,10 @@ DUPLICATES = Counter(
 )
 RETRIES = Counter("pipeline_retries_total", "Records sent for retry.", ["stage"], registry=REGISTRY)
 WINDOWS_EMITTED = Counter(
-    "pipeline_windows_emitted_total", "Aggregate windows emitted.", ["stage"], registry=REGISTRY
+    "pipeline_windows_emitted_total",
+    "Outputs a stateful stage made from its state (e.g. windows closed).",
+    ["stage"],
+    registry=REGISTRY,
 )
 PROCESSING_SECONDS = Histogram(
     "pipeline_processing_duration_seconds",
@@ -118,24 +121,25 @@ BACKFILL_ROWS = Counter(
 
 def batch_done(
     stage: str,
-    records: Sequence[InRecord],
-    out_topic: str,
-    produced: int,
+    records: Sequence[Record],
+    produced: Mapping[str, int],
     duplicates: int,
     retries: int,
-    seconds: float,
+    seconds: float | None,
 ) -> None:
     """Account one delivered batch (records of one partition): a handful of metric
-    updates per batch, none per record (dead letters are counted where they are
-    delivered)."""
+    updates per batch, none per record (dead letters are counted by reason by the
+    caller). ``seconds`` None: not a batch of input (an idle tick)."""
     if records:
         RECORDS_CONSUMED.labels(stage, records[0].topic).inc(len(records))
-    if produced:
-        RECORDS_PRODUCED.labels(stage, out_topic).inc(produced)
+    for topic, count in produced.items():
+        RECORDS_PRODUCED.labels(stage, topic).inc(count)
     if duplicates:
         DUPLICATES.labels(stage).inc(duplicates)
     if retries:
         RETRIES.labels(stage).inc(retries)
+    if seconds is None:
+        return
     PROCESSING_SECONDS.labels(stage).observe(seconds)
     now = time.time()
     LAST_PROCESSED.labels(stage).set(now)

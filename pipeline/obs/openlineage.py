@@ -88,9 +88,13 @@ def stage_topics(settings: Settings, stage_id: str) -> tuple[list[str], list[str
     """The topics a stage reads and the topics it writes, each once, in a fixed order."""
     spec = settings.stage(stage_id)
     retry = spec.retry.topic if spec.retry else None
-    inputs = [*spec.inputs, spec.backfill_lane, retry, spec.registry_topic]
-    lane_out = settings.lane_output(stage_id) if spec.backfill_lane else None
-    outputs = [spec.output, lane_out, spec.dlq, retry, spec.state_topic]
+    inputs = [*spec.inputs, spec.backfill_lane, retry, *spec.lookups.values()]
+    lanes = (
+        [t for targets in settings.topology.lane_targets(stage_id).values() for t in targets]
+        if spec.backfill_lane
+        else []
+    )
+    outputs = [*spec.all_outputs, *lanes, spec.dlq, retry, spec.state_topic]
     return (
         list(dict.fromkeys(t for t in inputs if t is not None)),
         list(dict.fromkeys(t for t in outputs if t is not None)),

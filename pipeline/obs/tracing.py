@@ -20,7 +20,8 @@ from opentelemetry.trace import NoOpTracerProvider, ProxyTracerProvider, SpanKin
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from pipeline import contract
-from pipeline.records import InRecord, StageResult
+from pipeline.engine.result import BatchResult
+from pipeline.records import Record
 
 _PROPAGATOR = TraceContextTextMapPropagator()
 
@@ -35,7 +36,7 @@ def tracer() -> Tracer:
 
 
 def stage_spans(
-    spans: Tracer, stage: str, records: Sequence[InRecord], result: StageResult, start_ns: int
+    spans: Tracer, stage: str, records: Sequence[Record], result: BatchResult, start_ns: int
 ) -> None:
     """Record one span per output of a 1:1 stage and point the output's
     ``traceparent`` at it."""

@@ -72,7 +72,7 @@ from pipeline.kafka.clients import admin, broker_error, client_config, consumer
 from pipeline.kafka.offsets import committed_offsets, high_watermarks, partitions_of
 from pipeline.kafka.topics import require_topics
 from pipeline.ops.rewind import group_state, is_live
-from pipeline.settings import STAGE_IDS, Settings
+from pipeline.settings import Settings
 
 TP = tuple[str, int]
 Verdict = Literal["ok", "idle", "behind", "stalled", "down"]
@@ -361,9 +361,15 @@ def _last_timestamp(settings: Settings, topic: str) -> int | None:
     return max(stamps) if stamps else None
 
 
+def _last_of(settings: Settings, topics: Sequence[str]) -> int | None:
+    """When the stage last wrote an output (None for a sink: it writes none)."""
+    stamps = [ts for t in topics if (ts := _last_timestamp(settings, t)) is not None]
+    return max(stamps) if stamps else None
+
+
 def _dlq_by_reason(settings: Settings) -> dict[str, dict[str, int]]:
-    out: dict[str, dict[str, int]] = {s: {} for s in STAGE_IDS}
-    letters = iter_dead_letters(settings, STAGE_IDS)
+    out: dict[str, dict[str, int]] = {s: {} for s in settings.stage_ids}
+    letters = iter_dead_letters(settings, settings.stage_ids)
     try:
         for row in summarize(letters):
             out[row.stage][row.reason] = row.count
@@ -394,7 +400,8 @@ def collect(settings: Settings, sample_s: float = DEFAULT_SAMPLE_S) -> list[Stag
     Raises BrokerError (one line) if the broker cannot be read or a topic is missing.
     """
     client = admin(settings)
-    specs = {s: settings.stage(s) for s in STAGE_IDS}
+    stage_ids = settings.stage_ids
+    specs = {s: settings.stage(s) for s in stage_ids}
     retry_topics = {s: spec.retry.topic if spec.retry else None for s, spec in specs.items()}
     inputs = {
         s: partitions_of(
@@ -412,32 +419,38 @@ def collect(settings: Settings, sample_s: float = DEFAULT_SAMPLE_S) -> list[Stag
         dict.fromkeys(
             t
             for s, spec in specs.items()
-            for t in (*spec.inputs, spec.backfill_lane, spec.output, spec.dlq, retry_topics[s])
+            for t in (
+                *spec.inputs,
+                spec.backfill_lane,
+                *spec.all_outputs,
+                spec.dlq,
+                retry_topics[s],
+            )
             if t is not None
         ),
     )
     try:
         started_ms = int(time.time() * 1000)
         before: dict[str, tuple[float, dict[TP, int | None]]] = {}
-        for s in STAGE_IDS:
+        for s in stage_ids:
             at = time.monotonic()
             before[s] = (at, committed_offsets(client, settings.group_id(s), inputs[s]))
         deadline = min(at for at, _ in before.values()) + sample_s
         # read what does not need the sample while it runs
         dlq = _dlq_by_reason(settings)
-        last = {s: _last_timestamp(settings, specs[s].output) for s in STAGE_IDS}
+        last = {s: _last_of(settings, specs[s].all_outputs) for s in stage_ids}
         time.sleep(max(0.0, deadline - time.monotonic()))
         after: dict[str, tuple[float, dict[TP, int | None]]] = {}
-        for s in STAGE_IDS:
+        for s in stage_ids:
             at = time.monotonic()
             after[s] = (at, committed_offsets(client, settings.group_id(s), inputs[s]))
         ends = high_watermarks(
-            client_config(settings), [tp for s in STAGE_IDS for tp in inputs[s]], _READ_TIMEOUT
+            client_config(settings), [tp for s in stage_ids for tp in inputs[s]], _READ_TIMEOUT
         )
-        groups = {s: group_state(client, settings.group_id(s)) for s in STAGE_IDS}
+        groups = {s: group_state(client, settings.group_id(s)) for s in stage_ids}
         since_ms = started_ms - int(settings.runner.commit_interval_s * 1000)
         statuses = []
-        for s in STAGE_IDS:
+        for s in stage_ids:
             committed = after[s][1]
             parts = [
                 PartitionLag(t, p, committed.get((t, p)), ends[(t, p)], retry=t == retry_topics[s])

@@ -1,17 +1,20 @@
-"""The runner: binds a pure stage (``stages/``) to Kafka as a Faust agent.
+"""The app: one stage worker as a Faust app, whichever stage pipeline.yaml declares.
 
 One composition root, :func:`build_app`. Importing this module starts nothing.
 
-Per partition batch the agent (1) turns records into :class:`InRecord`, (2) runs
-the stage, (3) produces outputs *and* dead letters and awaits the broker's
-acknowledgement of all of them, (4) writes state changes to the stage's changelog
-(flushed by Faust before it commits), and only then (5) acks the batch, which
-lets Faust commit its offsets. Steps 1-4 live in :mod:`pipeline.bindings`. A
-crash anywhere before (5) re-delivers the batch: at-least-once, and lineage ids
-make the duplicates harmless downstream.
+Per partition batch an agent (1) turns records into :class:`~pipeline.records.Record`,
+(2) hands them to the binding (:mod:`pipeline.runtime.binding`), which runs the
+stage and waits until outputs, retries, dead letters, lineage hops and state writes
+are acknowledged by the broker, and only then (3) acks the batch, which lets Faust
+commit its offsets. A crash anywhere before (3) re-delivers the batch:
+at-least-once, and lineage ids and the state fence make repeats harmless.
 
-An unexpected exception is a bug: the worker exits (code 70) without committing,
-and its supervisor (Kubernetes, the demo) restarts it.
+Agents: the live inputs; the retry topic (if the stage retries), re-run when due;
+the backfill lane (if it has one), governed so live input goes first
+(:mod:`pipeline.runtime.lanes`); and a timer that advances idle partitions of a
+stateful event-time stage. An exception that escapes the binding is a bug the
+stage's ``on_error: crash`` asked for, or one in the framework: the worker exits
+(code 70) without committing, and its supervisor restarts it.
 """
 
 from __future__ import annotations
@@ -22,7 +25,6 @@ import logging
 import os
 import ssl
 import tempfile
-import threading
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, NoReturn
@@ -30,22 +32,18 @@ from typing import Any, NoReturn
 import faust
 
 from dlq import retry
-from pipeline import failpoints
 from pipeline.errors import StageStopped
-from pipeline.kafka.clients import bootstrap, client_config, install_log_filter, wait_for_broker
-from pipeline.obs import diagnostics, health, metrics
+from pipeline.kafka.clients import bootstrap, client_config
+from pipeline.obs import metrics
 from pipeline.obs.health import HEALTH
 from pipeline.obs.openlineage import StageLineage
-from pipeline.records import InRecord
-from pipeline.runtime.binding import (
-    AggregateBinding,
-    Binding,
-    make_binding,
-    to_in_record,
-)
+from pipeline.records import Record
+from pipeline.runtime.binding import StageBinding, to_record
 from pipeline.runtime.faust_fixes import apply_faust_fixes
+from pipeline.runtime.lanes import LaneGovernor
 from pipeline.runtime.transport import BatchTransport
-from pipeline.settings import RunnerSettings, Settings
+from pipeline.runtime.watchdogs import install_watchdogs
+from pipeline.settings import Settings
 
 log = logging.getLogger("pipeline.runner")
 
@@ -68,7 +66,7 @@ class StageApp(faust.App):
         return BatchTransport(self.conf.broker_consumer, self)
 
 
-def build_app(settings: Settings, stage_id: str) -> tuple[StageApp, Binding]:
+def build_app(settings: Settings, stage_id: str) -> tuple[StageApp, StageBinding]:
     """The Faust app of one stage worker, with its agent; starts nothing."""
     apply_faust_fixes()
     spec = settings.stage(stage_id)
@@ -100,11 +98,11 @@ def build_app(settings: Settings, stage_id: str) -> tuple[StageApp, Binding]:
     app.batch_topics = frozenset(spec.inputs)
     app.fetch_max_wait_ms = runner.fetch_max_wait_ms
     app.kafka_client_config = client_config(settings)
-    binding = make_binding(stage_id, settings, app)
+    binding = StageBinding(stage_id, settings, app)
     app.run_events = StageLineage(settings, stage_id)
     topic = app.topic(*spec.inputs, key_serializer="raw", value_serializer="raw")
 
-    def batch_agent(on_batch: Callable[[str, int, list[InRecord]], Awaitable[None]]) -> Any:
+    def batch_agent(on_batch: Callable[[str, int, list[Record]], Awaitable[None]]) -> Any:
         """An agent that hands each partition batch to ``on_batch`` and acks it after;
         a stop by the dead-letter budget parks it, anything unexpected crashes."""
 
@@ -113,7 +111,7 @@ def build_app(settings: Settings, stage_id: str) -> tuple[StageApp, Binding]:
                 async for event in stream.noack().events():
                     await binding.ready()  # first batch: recovery is complete by now
                     message = event.message
-                    records = [to_in_record(r) for r in message.records]
+                    records = [to_record(r) for r in message.records]
                     await on_batch(message.topic, message.partition, records)
                     event.ack()
             except StageStopped:
@@ -125,7 +123,7 @@ def build_app(settings: Settings, stage_id: str) -> tuple[StageApp, Binding]:
 
         return agent
 
-    async def live(topic: str, partition: int, records: list[InRecord]) -> None:
+    async def live(topic: str, partition: int, records: list[Record]) -> None:
         await binding.handle(partition, records)
 
     app.agent(topic, name=f"{stage_id}-agent", concurrency=1)(batch_agent(live))
@@ -135,7 +133,7 @@ def build_app(settings: Settings, stage_id: str) -> tuple[StageApp, Binding]:
         app.batch_topics = app.batch_topics | {retry_topic_name}
         retry_topic = app.topic(retry_topic_name, key_serializer="raw", value_serializer="raw")
 
-        async def when_due(topic: str, partition: int, records: list[InRecord]) -> None:
+        async def when_due(topic: str, partition: int, records: list[Record]) -> None:
             """Re-run records from the retry topic once they are due. While it
             waits, only the retry partition is paused: the live agent goes on."""
             tp = faust.types.TP(topic, partition)
@@ -162,7 +160,7 @@ def build_app(settings: Settings, stage_id: str) -> tuple[StageApp, Binding]:
         app.batch_topics = app.batch_topics | {lane_name}
         lane_topic = app.topic(lane_name, key_serializer="raw", value_serializer="raw")
 
-        async def backfill(topic: str, partition: int, records: list[InRecord]) -> None:
+        async def backfill(topic: str, partition: int, records: list[Record]) -> None:
             await binding.handle(partition, records)
 
         app.agent(lane_topic, name=f"{stage_id}-backfill-agent", concurrency=1)(
@@ -187,89 +185,16 @@ def build_app(settings: Settings, stage_id: str) -> tuple[StageApp, Binding]:
 
     app.on_rebalance_complete.connect(on_rebalance_complete)  # type: ignore[arg-type]
 
-    if isinstance(binding, AggregateBinding):
-        tick_binding = binding
+    if binding.ticks:
 
         async def idle_tick() -> None:
             try:
-                await tick_binding.tick()
+                await binding.tick()
             except Exception:
                 _crash(app, stage_id, "idle tick failed")
 
-        app.timer(interval=max(0.2, settings.aggregate.idle_timeout_s / 4))(idle_tick)
+        app.timer(interval=max(0.2, spec.idle_timeout_s / 4))(idle_tick)
     return app, binding
-
-
-class LaneGovernor:
-    """Live first: the backfill lane is fetched only while the live inputs have no
-    more than a batch waiting on the broker.
-
-    It pauses the lane's partitions (it never holds a lane batch back: a waiting
-    agent would fill its queue, block Faust's fetch loop for live input too, and
-    stop a rebalance that waits for the batch). Lane batches already fetched are
-    processed, alternating with live ones at the binding's lock. After
-    ``runner.backfill_max_defer_s`` paused, the lane gets half a second: under live
-    overload a backfill slows down but never stops.
-    """
-
-    def __init__(
-        self,
-        app: StageApp,
-        stage_id: str,
-        lane: str,
-        live_inputs: frozenset[str],
-        runner: RunnerSettings,
-    ) -> None:
-        self.app = app
-        self.stage_id = stage_id
-        self.lane = lane
-        self.live_inputs = live_inputs
-        self.enough = runner.batch_max_records
-        self.max_defer_s = runner.backfill_max_defer_s
-        self.paused_since: float | None = None
-        self.open_until = 0.0
-        self.generation: int | None = None
-
-    async def tick(self) -> None:
-        app = self.app
-        if self.generation != app.consumer_generation_id:  # a rebalance resumed everything
-            self.generation, self.paused_since = app.consumer_generation_id, None
-        consumer = app.consumer
-        lane = [tp for tp in consumer.assignment() if tp.topic == self.lane]
-        if not lane:
-            return
-        now = time.monotonic()
-        busy = now >= self.open_until and live_backlog(app, self.live_inputs) > self.enough
-        if busy and self.paused_since is None:
-            consumer.pause_partitions(lane)
-            self.paused_since = now
-            metrics.BACKFILL_DEFERRED.labels(self.stage_id).inc()
-        elif self.paused_since is not None and (
-            not busy or now - self.paused_since > self.max_defer_s
-        ):
-            consumer.resume_partitions(lane)
-            if busy:
-                self.open_until = now + 0.5
-            self.paused_since = None
-
-
-def live_backlog(app: StageApp, topics: frozenset[str]) -> int:
-    """Records of ``topics`` on the broker that this worker has not taken yet: the
-    high watermark of the last Fetch minus the next offset handed to the agent."""
-    consumer = app.consumer
-    handed: dict[Any, int] = getattr(consumer, "_expected", {})
-    total = 0
-    for tp in consumer.assignment():
-        if tp.topic not in topics:
-            continue
-        try:
-            high = consumer.highwater(tp)
-        except Exception:  # noqa: S112 (not fetched yet, or moving in a rebalance)
-            continue
-        nxt = handed.get(tp)
-        if high is not None and nxt is not None:
-            total += max(0, high - nxt)
-    return total
 
 
 def faust_credentials(settings: Settings) -> Any:
@@ -293,124 +218,7 @@ def faust_credentials(settings: Settings) -> Any:
     )
 
 
-def install_watchdogs(app: StageApp, settings: Settings, stage_id: str) -> None:
-    """The event-loop heartbeat and the broker probe behind ``/healthz``, and the
-    consumer-lag gauge."""
-    spec = settings.stage(stage_id)
-    limit = settings.runner.liveness_timeout_s
-    last_tick = [time.monotonic()]
-
-    async def heartbeat() -> None:
-        last_tick[0] = time.monotonic()
-
-    def loop_blocked() -> str | None:
-        age = time.monotonic() - last_tick[0]
-        if age > limit:
-            return (
-                f"the event loop has not run for {age:.0f}s (runner.liveness_timeout_s={limit:g})"
-            )
-        return None
-
-    app.timer(interval=1.0)(heartbeat)
-    HEALTH.watch("event_loop", loop_blocked)
-
-    published: set[tuple[str, int]] = set()
-
-    async def sample_lag() -> None:
-        """Lag of each assigned input partition: the high watermark of the last Fetch
-        response (right on every broker) minus the group's committed offset."""
-        consumer = app.consumer
-        seen: set[tuple[str, int]] = set()
-        for tp in consumer.assignment():
-            if tp.topic not in spec.inputs:
-                continue
-            try:
-                high = consumer.highwater(tp)
-            except Exception:  # noqa: S112 (not fetched yet, or moving in a rebalance)
-                continue
-            if high is None or high < 0:
-                continue
-            committed = consumer._committed_offset.get(tp) or 0  # type: ignore[attr-defined]
-            metrics.CONSUMER_LAG.labels(stage_id, tp.topic, str(tp.partition)).set(
-                max(0, high - committed)
-            )
-            seen.add((tp.topic, tp.partition))
-        for topic, partition in published - seen:
-            metrics.CONSUMER_LAG.remove(stage_id, topic, str(partition))
-        published.clear()
-        published.update(seen)
-
-    app.timer(interval=settings.runner.lag_interval_s)(sample_lag)
-
-    # The broker. Faust's clients retry a lost broker forever, so an idle worker
-    # whose broker died stayed up with /healthz 200 (measured: killed broker, 2 min,
-    # no sign). A metadata probe every 2 s (a thread, never the event loop) marks
-    # the worker failing once the broker has not answered for liveness_timeout_s,
-    # and exits it with code 3 and one line after connect_timeout_s, the bound a
-    # starting worker waits; its supervisor restarts it. Nothing uncommitted is
-    # lost: offsets are committed only after outputs were acknowledged.
-    from confluent_kafka import KafkaException
-    from confluent_kafka.admin import AdminClient
-
-    exit_after = settings.runner.connect_timeout_s
-    quiet = logging.getLogger("pipeline.runner.broker_probe")
-    quiet.addHandler(logging.NullHandler())
-    quiet.propagate = False  # refused connections are reported once, below
-    probe_config = {**client_config(settings), "socket.timeout.ms": 2000, "logger": quiet}
-    answered: list[float] = []  # when the broker last answered; empty until the worker runs
-    probe: list[AdminClient] = []
-
-    def broker_answers() -> bool:
-        if not probe:
-            probe.append(AdminClient(probe_config))
-        try:
-            probe[0].list_topics(timeout=5.0)
-        except KafkaException:
-            return False
-        return True
-
-    def probe_loop() -> None:
-        """In a thread of its own: a blocked event loop is reported as such (the
-        event-loop watchdog), never as a missing broker."""
-        while True:
-            ok = broker_answers()
-            now = time.monotonic()
-            if ok:
-                answered[0] = now
-            elif now - answered[0] > exit_after:
-                silent = now - answered[0]
-                message = (
-                    f"stage {stage_id}: no Kafka broker answered at {bootstrap(settings)} for "
-                    f"{silent:.0f}s (runner.connect_timeout_s={exit_after:g}); exiting"
-                )
-                log.critical(message)
-                if app.run_events is not None:
-                    app.run_events.fail(message)
-                logging.shutdown()
-                os._exit(3)
-            time.sleep(2.0)
-
-    async def start_probe() -> None:
-        if not answered:  # first run: the worker saw the broker when it started
-            answered.append(time.monotonic())
-            threading.Thread(target=probe_loop, name="broker-probe", daemon=True).start()
-
-    def broker_unreachable() -> str | None:
-        if not answered:
-            return None
-        silent = time.monotonic() - answered[0]
-        if silent > limit:
-            return (
-                f"no Kafka broker has answered for {silent:.0f}s "
-                f"(runner.liveness_timeout_s={limit:g})"
-            )
-        return None
-
-    app.timer(interval=2.0)(start_probe)
-    HEALTH.watch("broker", broker_unreachable)
-
-
-def _due(records: list[InRecord], now_ms: int) -> list[InRecord]:
+def _due(records: list[Record], now_ms: int) -> list[Record]:
     """The leading records whose retry is due."""
     return list(itertools.takewhile(lambda r: retry.due_at_ms(r.headers) <= now_ms, records))
 
@@ -428,56 +236,9 @@ def _pause_inputs(app: StageApp) -> None:
     app.consumer.pause_partitions(assigned)
 
 
-async def _stay_stopped(app: StageApp, binding: Binding) -> None:
+async def _stay_stopped(app: StageApp, binding: StageBinding) -> None:
     """The dead-letter budget is spent: fetch nothing more, ack nothing more, and
     stay so (unhealthy) until the worker is restarted."""
     app.halted = True
     _pause_inputs(app)
     await asyncio.Event().wait()
-
-
-def run_stage(settings: Settings, stage_id: str) -> None:
-    """Run one stage worker in the foreground until SIGTERM/SIGINT.
-
-    SIGQUIT logs a state dump (:mod:`pipeline.diagnostics`); SIGUSR1 makes mode log
-    every thread's and task's stack.
-    """
-    if settings.metrics_port is not None:  # first, so probes answer while it connects
-        port = health.serve(settings.metrics_host, settings.metrics_port)
-        log.info(
-            "stage %s: /metrics, /healthz, /readyz on http://%s:%d",
-            stage_id,
-            settings.metrics_host,
-            port,
-        )
-    install_log_filter()
-    failpoints.arm(settings.failpoint)
-    wait_for_broker(settings, settings.runner.connect_timeout_s)
-    app, binding = build_app(settings, stage_id)
-    diagnostics.install(app)
-    worker = faust.Worker(
-        app, loglevel=settings.log_level.upper(), quiet=True, redirect_stdouts=False
-    )
-    # mode's terminal spinner sets the root logger to DEBUG whenever the level is
-    # above INFO: every debug record of Faust and aiokafka was then built and
-    # dropped (measured: ~9 % of a worker's CPU at log_level warning)
-    worker.spinner = None
-    run_events = app.run_events
-    assert run_events is not None
-    try:
-        worker.execute_from_commandline()
-    except SystemExit as exc:  # mode exits 0 after SIGTERM, 1 after an exception
-        if exc.code in (0, None) and not app.halted:
-            run_events.complete()
-        else:
-            run_events.fail(
-                "stopped by its dead-letter budget"
-                if app.halted
-                else f"worker exited with code {exc.code}"
-            )
-        raise
-    except BaseException as exc:
-        run_events.fail(f"stage {stage_id}: {exc!r}")
-        raise
-    finally:
-        binding.close()

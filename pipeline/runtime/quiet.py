@@ -16,12 +16,12 @@ from confluent_kafka.admin import AdminClient
 from pipeline.errors import BrokerError
 from pipeline.kafka.clients import admin
 from pipeline.kafka.offsets import group_lag
-from pipeline.settings import STAGE_IDS, Settings
+from pipeline.settings import Settings
 
 
 class PipelineQuiet:
-    """Answers "have ``stage_id`` and every stage before it committed all their
-    input?", at most once per ``ttl``.
+    """Answers "have ``stage_id`` and every stage upstream of it (in the topology)
+    committed all their input?", at most once per ``ttl``.
 
     An idle partition's watermark may only advance when nothing is on its way:
     if a stage upstream is down or behind, or records wait in the stage's own
@@ -31,7 +31,7 @@ class PipelineQuiet:
 
     def __init__(self, settings: Settings, stage_id: str, ttl: float) -> None:
         self._settings = settings
-        self._upstream = STAGE_IDS[: STAGE_IDS.index(stage_id) + 1]
+        self._upstream = settings.topology.upstream(stage_id)
         self._ttl = ttl
         self._client: AdminClient | None = None
         self._checked_at = float("-inf")

@@ -26,8 +26,8 @@ SCHEMA_REJECTS: list[tuple[dict[str, Any], str]] = [
     ({"stages": {"parse": {"replicas": "six"}}}, "/stages/parse/replicas"),
     ({"stages": {"parse": {"replicas": -1}}}, "/stages/parse/replicas"),
     ({"stages": {"parse": {"replica": 6}}}, "'replica' not allowed"),
-    ({"stages": {"parse": {"stage": "transform"}}}, "/stages/parse/stage"),
-    ({"stages": {"parse-canary": {"replicas": 1}}}, "missing property 'stage'"),
+    ({"stages": {"parse": {"stage": "Transform_1"}}}, "/stages/parse/stage"),
+    ({"stages": {"parse": {"image": {"repo": "x"}}}}, "'repo' not allowed"),
     ({"stages": {"Parse_2": {"stage": "parse"}}}, "invalid propertyName 'Parse_2'"),
     ({"stages": {"parse": {"resources": {"request": {"cpu": 1}}}}}, "'request' not allowed"),
     ({"stages": {"parse": {"autoscaling": {"maxReplicas": "4"}}}}, "/autoscaling/maxReplicas"),
@@ -151,6 +151,12 @@ TEMPLATE_REFUSES: list[tuple[dict[str, Any], str]] = [
         {"stages": {"x" * 40: {"stage": "parse"}}, "fullnameOverride": "y" * 30},
         "longer than 63 characters",
     ),
+    (
+        {"stages": {"parse-canary": {"replicas": 1}}},
+        '"parse-canary" is not a pipeline stage; set stages.parse-canary.stage to one of: '
+        "aggregate enrich ingest parse",
+    ),
+    ({"stages": {"parse": {"stage": "transform"}}}, '"transform" is not a pipeline stage'),
 ]
 
 

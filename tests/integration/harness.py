@@ -36,9 +36,9 @@ _counter = itertools.count()
 # Short windows so tests finish fast; lateness above the generator's disorder
 # (adjacent swaps, < 1.5 s) so no good reading is late.
 TEST_ENV = {
-    "PIPELINE_AGGREGATE__WINDOW_S": "5",
-    "PIPELINE_AGGREGATE__ALLOWED_LATENESS_S": "3",
-    "PIPELINE_AGGREGATE__IDLE_TIMEOUT_S": "1",
+    "PIPELINE_STAGES__AGGREGATE__CONFIG__WINDOW_S": "5",
+    "PIPELINE_STAGES__AGGREGATE__CONFIG__ALLOWED_LATENESS_S": "3",
+    "PIPELINE_STAGES__AGGREGATE__IDLE_TIMEOUT_S": "1",
     "PIPELINE_RUNNER__SESSION_TIMEOUT_S": "6",
     "PIPELINE_RUNNER__COMMIT_INTERVAL_S": "0.5",
     "PIPELINE_RUNNER__LAG_INTERVAL_S": "0.5",
@@ -50,18 +50,32 @@ TEST_ENV = {
 }
 
 
+def test_env(stage_ids: Iterable[str]) -> dict[str, str]:
+    """TEST_ENV without the settings of stages a config does not declare (an
+    environment variable for an undeclared stage would declare half of one)."""
+    ids = {s.upper() for s in stage_ids}
+    return {
+        k: v
+        for k, v in TEST_ENV.items()
+        if not k.startswith("PIPELINE_STAGES__") or k.split("__")[1] in ids
+    }
+
+
 def isolated_config(
     tmp_path: Path,
     bootstrap: str,
     partitions: int | None = None,
     stages: dict[str, dict[str, Any]] | None = None,
+    source: Path = REPO / "config" / "pipeline.yaml",
 ) -> tuple[Path, Settings]:
-    """A pipeline.yaml whose topics and groups no other test shares.
+    """A copy of the pipeline.yaml ``source`` whose topics and groups no other test
+    shares (its ``paths:`` made absolute).
 
     ``stages`` merges settings into stage specs, e.g. ``{"parse": {"dlq_budget": …}}``.
     """
     tag = f"t{os.getpid()}x{next(_counter)}"
-    doc = namespaced(yaml.safe_load((REPO / "config" / "pipeline.yaml").read_text()), tag)
+    doc = namespaced(yaml.safe_load(source.read_text()), tag)
+    doc["paths"] = [str((source.parent / p).resolve()) for p in doc.get("paths", [])]
     if partitions is not None:
         for spec in doc["topics"].values():
             if spec["partitions"] > 1:
@@ -70,7 +84,7 @@ def isolated_config(
         doc["stages"][stage_id].update(extra)
     path = tmp_path / f"{tag}.yaml"
     path.write_text(yaml.safe_dump(doc))
-    env = {k: v for k, v in TEST_ENV.items()}
+    env = test_env(doc["stages"])
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
@@ -98,9 +112,10 @@ class StageProcess:
 
     def start(self) -> StageProcess:
         self.port = free_port()
+        stage_ids = yaml.safe_load(self.config.read_text())["stages"]
         env = {
             **os.environ,
-            **TEST_ENV,
+            **test_env(stage_ids),
             "KAFKA_BOOTSTRAP_SERVERS": self.bootstrap,
             "PIPELINE_CONFIG": str(self.config),
             "PIPELINE_METRICS_PORT": str(self.port),
@@ -193,7 +208,7 @@ class Pipeline:
         return proc
 
     def start_all(self) -> None:
-        for stage in ("ingest", "parse", "enrich", "aggregate"):
+        for stage in self.settings.stage_ids:
             self.start(stage)
 
     def stop_all(self) -> None:

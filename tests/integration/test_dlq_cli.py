@@ -13,7 +13,6 @@ import pytest
 
 from dlq.envelope import DeadLetter
 from dlq.read import floor_group
-from dlq.reasons import Reason
 from pipeline.kafka.clients import admin, producer
 from pipeline.kafka.offsets import committed_offsets, read_topic
 from pipeline.settings import Settings
@@ -37,7 +36,7 @@ def iso(ms: int) -> str:
 class Letter:
     name: str
     stage: str
-    reason: Reason | None  # None: a malformed dead letter (no real envelope)
+    reason: str | None  # None: a malformed dead letter (no real envelope)
     failed_at: int
     headers: tuple[tuple[str, bytes], ...] = ()
 
@@ -61,18 +60,18 @@ class Letter:
 LETTERS = [
     Letter("m0", "ingest", None, 0),
     *(
-        Letter(f"d{i}", "parse", Reason.DECODE_ERROR, T0 + i * 10 * MIN, (("lineage-id", b"L"),))
+        Letter(f"d{i}", "parse", "decode_error", T0 + i * 10 * MIN, (("lineage-id", b"L"),))
         for i in range(3)
     ),
     *(
-        Letter(f"o{i}", "parse", Reason.OUT_OF_RANGE, T0 + (3 + i) * 10 * MIN, (("src", b"s"),))
+        Letter(f"o{i}", "parse", "out_of_range", T0 + (3 + i) * 10 * MIN, (("src", b"s"),))
         for i in range(3)
     ),
-    Letter("u0", "enrich", Reason.UNKNOWN_DEVICE, T0 + 60 * MIN, (("lineage-id", b"U0"),)),
+    Letter("u0", "enrich", "unknown_device", T0 + 60 * MIN, (("lineage-id", b"U0"),)),
     Letter(
         "u1",
         "enrich",
-        Reason.UNKNOWN_DEVICE,
+        "unknown_device",
         T0 + 70 * MIN,
         (("lineage-id", b"U1"), ("dlq.replay-count", b"3")),
     ),
@@ -111,7 +110,10 @@ def dlqs(broker, tmp_path) -> Dlqs:
     client = producer(settings)
     for x in LETTERS:
         if x.reason is None:  # headers a stage never writes: reason unknown, no failed-at
-            headers: list[tuple[str, bytes]] = [("dlq.reason", b"weird"), ("dlq.attempts", b"x")]
+            headers: list[tuple[str, bytes]] = [
+                ("dlq.reason", b"Weird Reason!"),
+                ("dlq.attempts", b"x"),
+            ]
             client.produce(settings.stage(x.stage).dlq, x.value, x.key, headers=headers)
         else:
             dead = DeadLetter(

@@ -185,7 +185,9 @@ def test_rewinding_parse_reprocesses_and_leaves_the_aggregates_unchanged(broker,
     pipe = Pipeline(config, settings, tmp_path)
     for stage in ("ingest", "parse", "enrich"):
         pipe.start(stage)
-    aggregate = pipe.start("aggregate", env={"PIPELINE_AGGREGATE__CLOSED_RETENTION_S": "7200"})
+    aggregate = pipe.start(
+        "aggregate", env={"PIPELINE_STAGES__AGGREGATE__CONFIG__CLOSED_RETENTION_S": "7200"}
+    )
     try:
         records = sent_records(1500, seed=14)
         produce(settings, settings.stages["ingest"].inputs[0], records)

@@ -11,7 +11,6 @@ from confluent_kafka import TopicPartition
 
 from pipeline.kafka.clients import admin, consumer, producer
 from pipeline.kafka.offsets import group_lag
-from pipeline.settings import STAGE_IDS
 from tests.integration.harness import (
     Pipeline,
     aggregates,
@@ -48,7 +47,7 @@ def test_status_down_then_ok_then_stalled(broker, tmp_path):
     result, report = status_json(config, env)
     assert result.exit_code == 1, result.output
     by_stage = {s["stage"]: s for s in report["stages"]}
-    assert [s["stage"] for s in report["stages"]] == list(STAGE_IDS)
+    assert [s["stage"] for s in report["stages"]] == list(settings.stage_ids)
     assert by_stage["ingest"]["verdict"] == "down"
     assert by_stage["ingest"]["lag"] == 200
     assert sum(p["lag"] for p in by_stage["ingest"]["partitions"]) == 200
@@ -81,7 +80,7 @@ def test_status_down_then_ok_then_stalled(broker, tmp_path):
 
         def processed() -> bool:
             pipe.check_alive()
-            if any(any(group_lag(settings, client, s).values()) for s in STAGE_IDS):
+            if any(any(group_lag(settings, client, s).values()) for s in settings.stage_ids):
                 return False
             return bool(aggregates(settings))  # and windows were emitted
 

@@ -8,29 +8,31 @@ import gzip
 import re
 from pathlib import Path
 
-from dlq.reasons import Reason
 from pipeline.settings import load_settings
-from stages.ingest import IngestStage
-from stages.parse import ParseStage
+from stages.ingest import ingest as ingest_stage
+from stages.parse import parse as parse_stage
 from tests.integration.harness import Pipeline, dead_letters, isolated_config, wait_for
 from tests.integration.test_dlq_runtime import send
-from tests.unit.records import reading, rec
+from tests.unit.records import Batchwise, engine, reading, rec
 
 MARKER = "PAYLOAD-MARKER-7f3a"
 
 
 def test_oversize_empty_binary_and_bomb_like_inputs_are_rejected_without_decoding():
     settings = load_settings()
-    ingest, parse = IngestStage(settings.ingest), ParseStage(settings.parse)
-    huge = b'{"device_id": "' + b"x" * (settings.ingest.max_payload_bytes + 1) + b'"}'
+    config = settings.stages["ingest"].config
+    ingest = Batchwise(engine(ingest_stage, config, stage_id="ingest"))
+    parse = Batchwise(engine(parse_stage, settings.stages["parse"].config, stage_id="parse"))
+    limit = config["max_payload_bytes"]
+    huge = b'{"device_id": "' + b"x" * (limit + 1) + b'"}'
     bomb = gzip.compress(b"\0" * 50_000_000)  # 50 MB of zeros in ~50 KB
-    assert len(bomb) < settings.ingest.max_payload_bytes
+    assert len(bomb) < limit
     binary = bytes(range(256)) * 4
     result = ingest.process([rec(huge), rec(b""), rec(binary), rec(bomb)])
-    assert [str(d.reason) for d in result.dead] == [Reason.TOO_LARGE, Reason.EMPTY]
+    assert [str(d.reason) for d in result.dead] == ["too_large", "empty"]
     # what ingest passes on is never decompressed or interpreted: parse rejects it
     parsed = parse.process([rec(o.value, headers=tuple(o.headers)) for o in result.outputs])
-    assert [str(d.reason) for d in parsed.dead] == [Reason.DECODE_ERROR, Reason.DECODE_ERROR]
+    assert [str(d.reason) for d in parsed.dead] == ["decode_error", "decode_error"]
     assert not parsed.outputs
 
 

@@ -150,7 +150,9 @@ def test_overload_keeps_memory_bounded_and_the_lag_drains(broker, tmp_path):
     config, settings = isolated_config(tmp_path, broker.bootstrap)
     publish_devices(settings, REGISTRY)
     pipe = Pipeline(config, settings, tmp_path)
-    pipe.start("ingest", env={"PIPELINE_INGEST__DEDUP_MAX_KEYS": str(DEDUP_MAX_KEYS)})
+    pipe.start(
+        "ingest", env={"PIPELINE_STAGES__INGEST__CONFIG__DEDUP_MAX_KEYS": str(DEDUP_MAX_KEYS)}
+    )
     for stage in STAGES[1:]:
         pipe.start(stage)
     feeder = Feeder(settings, settings.stages["ingest"].inputs[0], rate=8_000)

@@ -4,9 +4,9 @@ import random
 import orjson
 import pytest
 
-from pipeline.records import InRecord
-from pipeline.settings import AggregateSettings
-from stages.aggregate import AggregateStage
+from pipeline.records import Record
+from stages.aggregate import aggregate
+from tests.unit.records import Windows, engine
 
 W = 10_000  # window, ms
 L = 2_000  # allowed lateness, ms
@@ -20,11 +20,9 @@ class Clock:
         return self.t
 
 
-def make(clock=None) -> AggregateStage:
-    return AggregateStage(
-        AggregateSettings(window_s=W // 1000, allowed_lateness_s=L // 1000, idle_timeout_s=1),
-        clock=clock or Clock(),
-    )
+def make(clock=None) -> Windows:
+    config = {"window_s": W // 1000, "allowed_lateness_s": L // 1000}
+    return Windows(engine(aggregate, config, clock or Clock(), idle_timeout_s=1))
 
 
 _offset = iter(range(10**9))
@@ -36,7 +34,7 @@ def r(
     lineage: str | None = None,
     device: str = "d1",
     metric: str = "temp",
-) -> InRecord:
+) -> Record:
     doc = {
         "device_id": device,
         "metric": metric,
@@ -46,7 +44,7 @@ def r(
         "unit": "C",
     }
     lid = lineage or f"L{device}{metric}{ts}{value}"
-    return InRecord(
+    return Record(
         "iot.enriched",
         0,
         next(_offset),
@@ -140,7 +138,7 @@ def test_closed_windows_are_forgotten_after_one_more_window():
     assert any(v is None for _, v in res.writes)  # a tombstone for the changelog
 
 
-def stream(n: int, seed: int) -> list[InRecord]:
+def stream(n: int, seed: int) -> list[Record]:
     rng = random.Random(seed)
     records = []
     for i in range(n):
@@ -199,7 +197,7 @@ def test_state_writes_are_ordered_updates_watermark_deletions():
     # windows W and 0 are closed and then forgotten in this batch (watermark
     # 3W + L): their final states, the new window 3W, the watermark, deletions, and
     # last the fence (the next input offset)
-    assert kinds == ["w", "w", "w", "wm", "delete", "delete", "in"], kinds
+    assert kinds == ["s", "s", "s", "wm", "delete", "delete", "in"], kinds
 
 
 @pytest.mark.parametrize("crash_batch", [1, 3, 4])

@@ -5,21 +5,21 @@ import dataclasses
 import orjson
 
 from pipeline import contract
-from pipeline.records import InRecord
-from stages.aggregate import AggregateStage
+from pipeline.records import Record
+from tests.unit.records import Windows
 from tests.unit.test_aggregate import Clock, W, _offset, make, r, windows
 
 RUN = contract.backfill_source("run-1")
 
 
-def b(ts: int, value: float = 1.0, lineage: str | None = None, device: str = "d1") -> InRecord:
+def b(ts: int, value: float = 1.0, lineage: str | None = None, device: str = "d1") -> Record:
     """A backfilled reading of run-1."""
     rec = r(ts, value, lineage, device)
     return dataclasses.replace(rec, headers=(*rec.headers, ("source", RUN.encode())))
 
 
-def end_of_input(source: str = RUN) -> InRecord:
-    return InRecord(
+def end_of_input(source: str = RUN) -> Record:
+    return Record(
         "iot.enriched",
         0,
         next(_offset),
@@ -30,7 +30,7 @@ def end_of_input(source: str = RUN) -> InRecord:
     )
 
 
-def replay_changelog(stage: AggregateStage, results, fresh: AggregateStage) -> None:
+def replay_changelog(stage: Windows, results, fresh: Windows) -> None:
     log: dict[bytes, bytes | None] = {}
     for result in results:
         for k, v in result.writes:

@@ -11,16 +11,23 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline.backfill.completion import remaining, stage_chain
-from pipeline.backfill.controller import RateLimiter, check_run_id, entry_topic
+from pipeline.backfill.controller import RateLimiter, check_run_id, entry_topic, prepare_chain
 from pipeline.backfill.source import ParquetSource, chunk_ranges, expand_paths
 from pipeline.backfill.state import RunState, compress, expand
 from pipeline.cli.main import cli
 from pipeline.errors import ConfigError
 from pipeline.settings import load_settings
-from stages.ingest import IngestStage
-from stages.parse import ParseStage
+from stages.ingest import ingest
+from stages.parse import parse
+from tests.unit.records import Batchwise, engine
 
 REPO = Path(__file__).resolve().parents[2]
+COLUMNS = ("device_id", "ts", "seq", "metric", "value", "unit")
+
+
+def readings(pattern: str) -> ParquetSource:
+    """A Parquet source as the built-in pipeline.yaml reads one."""
+    return ParquetSource(pattern, COLUMNS, "ts")
 
 
 def write(path: Path, n: int, row_group: int, ts_type: pa.DataType | None = None) -> None:
@@ -44,7 +51,7 @@ def write(path: Path, n: int, row_group: int, ts_type: pa.DataType | None = None
 def test_chunks_follow_row_groups_and_cover_every_row_once(tmp_path):
     write(tmp_path / "a.parquet", 250, row_group=100)
     write(tmp_path / "b.parquet", 30, row_group=100)
-    source = ParquetSource(str(tmp_path))  # a directory: its *.parquet, sorted
+    source = readings(str(tmp_path))  # a directory: its *.parquet, sorted
     chunks = source.plan(40)
     assert [(Path(c.part).name, c.unit, c.start, c.rows) for c in chunks][:4] == [
         ("a.parquet", 0, 0, 40),
@@ -62,18 +69,21 @@ def test_chunks_follow_row_groups_and_cover_every_row_once(tmp_path):
 
 def test_rows_become_payloads_parse_accepts_with_the_same_lineage_id_every_time(tmp_path):
     write(tmp_path / "t.parquet", 5, row_group=5, ts_type=pa.timestamp("ms", tz="UTC"))
-    source = ParquetSource(str(tmp_path / "t.parquet"))
+    source = readings(str(tmp_path / "t.parquet"))
     (chunk,) = source.plan(10)
     rows = source.read(chunk)
     doc = orjson.loads(rows[0].value)
     assert list(doc) == ["device_id", "ts", "seq", "metric", "value", "unit"]
     assert doc["ts"] == 1_764_000_000_000 == rows[0].timestamp_ms  # timestamp → epoch ms
     settings = load_settings(REPO / "config" / "pipeline.yaml")
-    first = IngestStage(settings.ingest).process(rows)
-    again = IngestStage(settings.ingest).process(ParquetSource(str(tmp_path)).read(chunk))
+    assert ParquetSource.from_settings(settings, str(tmp_path / "t.parquet")).read(chunk) == rows
+    first = Batchwise(engine(ingest, settings.stages["ingest"].config)).process(rows)
+    again = Batchwise(engine(ingest, settings.stages["ingest"].config)).process(
+        readings(str(tmp_path)).read(chunk)
+    )
     ids = [dict(o.headers)["lineage-id"] for o in first.outputs]
     assert ids == [dict(o.headers)["lineage-id"] for o in again.outputs] and len(set(ids)) == 5
-    parsed = ParseStage(settings.parse).process(
+    parsed = Batchwise(engine(parse, settings.stages["parse"].config)).process(
         [r.__class__(r.topic, 0, i, r.timestamp_ms, o.key, o.value, tuple(o.headers))
          for i, (r, o) in enumerate(zip(rows, first.outputs, strict=True))]
     )  # fmt: skip
@@ -83,21 +93,21 @@ def test_rows_become_payloads_parse_accepts_with_the_same_lineage_id_every_time(
 def test_a_file_without_the_reading_columns_is_refused_naming_them(tmp_path):
     pq.write_table(pa.table({"device_id": ["a"], "ts": [1]}), tmp_path / "x.parquet")
     with pytest.raises(ConfigError, match=r"lacks column.*seq, metric, value, unit"):
-        ParquetSource(str(tmp_path / "x.parquet"))
+        readings(str(tmp_path / "x.parquet"))
     with pytest.raises(ConfigError, match="no Parquet file matches"):
         expand_paths(str(tmp_path / "nothing-*.parquet"))
     (tmp_path / "bad.parquet").write_bytes(b"not parquet")
     with pytest.raises(ConfigError, match=r"cannot read .* as Parquet"):
-        ParquetSource(str(tmp_path / "bad.parquet"))
+        readings(str(tmp_path / "bad.parquet"))
 
 
 def test_the_fingerprint_changes_with_the_input(tmp_path):
     path = tmp_path / "f.parquet"
     write(path, 10, row_group=10)
-    before = ParquetSource(str(path)).fingerprint()
-    assert ParquetSource(str(path)).fingerprint() == before
+    before = readings(str(path)).fingerprint()
+    assert readings(str(path)).fingerprint() == before
     write(path, 11, row_group=10)
-    assert ParquetSource(str(path)).fingerprint() != before
+    assert readings(str(path)).fingerprint() != before
 
 
 def test_chunk_ranges():
@@ -128,8 +138,13 @@ def test_rate_limiter_paces_rows_on_average():
 def test_completion_counts_what_is_left_and_walks_the_stages_from_the_entry():
     assert remaining({("t", 0): 10, ("t", 1): 5}, {("t", 0): 4, ("t", 1): None}) == 11
     assert remaining({("t", 0): 10}, {("t", 0): 12}) == 0
-    assert stage_chain("parse") == ["parse", "enrich", "aggregate"]
-    assert stage_chain("ingest")[0] == "ingest"
+    settings = load_settings(REPO / "config" / "pipeline.yaml")
+    assert stage_chain(settings, "parse") == ["parse", "enrich", "aggregate"]
+    assert stage_chain(settings, "ingest")[0] == "ingest"
+    # entering at parse, the controller runs ingest's code itself
+    assert prepare_chain(settings, "parse") == ["ingest"]
+    assert prepare_chain(settings, "ingest") == []
+    assert prepare_chain(settings, "aggregate") == []  # enrich joins a lookup
 
 
 def test_run_ids_are_safe_names():

@@ -1,7 +1,6 @@
 from ulid import ULID
 
 from dlq.envelope import DeadLetter
-from dlq.reasons import Reason
 from pipeline import contract
 
 
@@ -38,7 +37,7 @@ def test_malformed_traceparent_starts_new_trace():
 def test_dead_letter_envelope_replaces_old_envelope_and_keeps_replay_count():
     dead = DeadLetter(
         "parse",
-        Reason.DECODE_ERROR,
+        "decode_error",
         "InvalidMessage",
         "bad",
         b"k",

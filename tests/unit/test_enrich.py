@@ -3,8 +3,8 @@ import pytest
 
 from dlq import retry
 from pipeline import contract
-from stages.enrich import Device, EnrichStage, read_registry_csv
-from tests.unit.records import rec
+from stages.enrich import Device, enrich, read_registry_csv
+from tests.unit.records import Batchwise, engine, rec
 
 
 def parsed(device="dev-1", value=20.0, unit="C"):
@@ -16,6 +16,12 @@ def parsed(device="dev-1", value=20.0, unit="C"):
         "value": value,
         "unit": unit,
     }
+
+
+def EnrichStage(registry: dict[str, Device]) -> Batchwise:
+    """The enrich stage with ``registry`` as its ``devices`` lookup."""
+    table = {k.encode(): d.to_json() for k, d in registry.items()}
+    return Batchwise(engine(enrich, lookups={"devices": table}, stage_id="enrich"))
 
 
 def test_registry_csv_keeps_extra_columns_as_attributes():
@@ -55,7 +61,7 @@ def test_enrich_joins_registry_and_calibrates():
     record = rec(
         parsed(value=20.0), key=b"dev-1", headers=(("traceparent", parent), ("lineage-id", b"L"))
     )
-    result = EnrichStage(registry.get).process([record])
+    result = EnrichStage(registry).process([record])
     assert not result.dead
     out = orjson.loads(result.outputs[0].value)
     assert out["value"] == 19.5 and out["raw_value"] == 20.0
@@ -71,13 +77,13 @@ def test_enrich_joins_registry_and_calibrates():
 
 def test_registry_unit_fills_a_missing_unit():
     registry = {"dev-1": Device("dev-1", "s", "t", "hPa")}
-    out = EnrichStage(registry.get).process([rec(parsed(unit=""))]).outputs[0]
+    out = EnrichStage(registry).process([rec(parsed(unit=""))]).outputs[0]
     assert orjson.loads(out.value)["unit"] == "hPa"
 
 
 def test_unknown_device_is_retryable_and_garbage_is_a_dead_letter():
     ghost, garbage = rec(parsed("ghost")), rec(b"nope")
-    result = EnrichStage({}.get).process([ghost, garbage])
+    result = EnrichStage({}).process([ghost, garbage])
     assert [(r, str(e.reason)) for r, e in result.retryable] == [(ghost, "unknown_device")]
     assert [str(d.reason) for d in result.dead] == ["schema_violation"]
     assert result.dead[0].error_class == "InvalidMessage"
@@ -97,9 +103,9 @@ def test_a_failed_retry_is_dead_lettered_with_its_first_coordinates():
         now_ms=1,
     )
     again = rec(parsed("ghost"), topic="iot.enrich.retry", headers=tuple(headers))
-    result = EnrichStage({}.get).process([again])
+    result = EnrichStage({}).process([again])
     ((record, exc),) = result.retryable
-    result.reject("enrich", record, exc)
+    result.reject(record, exc)
     dead = result.dead[0]
     assert (dead.topic, dead.partition, dead.offset) == ("iot.parsed", 2, first.offset)
     assert dead.attempts == 5

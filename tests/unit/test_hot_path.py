@@ -18,15 +18,16 @@ from ulid import ULID
 
 from dlq import retry
 from dlq.envelope import DeadLetter
-from dlq.reasons import Reason
 from pipeline import contract
+from pipeline.engine.result import BatchResult
 from pipeline.errors import DeliveryError
-from pipeline.kafka.produce import AsyncProducer, Delivered, Deliveries
+from pipeline.kafka.produce import AsyncProducer
 from pipeline.lineage import hops as lineage
-from pipeline.records import InRecord, OutRecord, StageResult
+from pipeline.records import Delivered, Deliveries, OutRecord, Record
 from pipeline.runtime import binding as bindings
 from pipeline.settings import load_settings
-from stages.parse import ParseStage, Reading, decode
+from stages.parse import Reading, Validator, decode, parse
+from tests.unit.records import Batchwise, engine
 
 PARENT = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 
@@ -120,23 +121,25 @@ def test_next_hop_keeps_order_and_reuses_pairs():
 # -- records in, results out ------------------------------------------------------
 
 
-def test_to_in_record_is_a_normal_frozen_in_record():
+def test_to_record_is_a_normal_frozen_record():
     r = ConsumerRecord("t", 1, 5, 17, 0, b"k", b"v", None, 1, 1, [("a", b"b")])
-    record = bindings.to_in_record(r)
-    assert record == InRecord("t", 1, 5, 17, b"k", b"v", (("a", b"b"),))
+    record = bindings.to_record(r)
+    assert record == Record("t", 1, 5, 17, b"k", b"v", (("a", b"b"),))
     with pytest.raises(dataclasses.FrozenInstanceError):
         record.offset = 6  # type: ignore[misc]
-    assert bindings.to_in_record(dataclasses.replace(r, timestamp=None, headers=[])).headers == ()
+    assert bindings.to_record(dataclasses.replace(r, timestamp=None, headers=[])).headers == ()
 
 
 def test_parse_output_is_reading_to_json():
     settings = load_settings()
-    stage = ParseStage(settings.parse)
+    config = settings.stages["parse"].config
+    stage = Batchwise(engine(parse, config, lambda: 1764400000.001, stage_id="parse"))
+    validator = Validator(parse.make_config("parse", config))
     value = b'{"device_id": "d", "ts": 1764400000000, "seq": 3, "metric": "temp", "value": 21}'
-    record = InRecord("iot.raw", 0, 7, 0, b"d", value, (("traceparent", PARENT),))
+    record = Record("iot.raw", 0, 7, 0, b"d", value, (("traceparent", PARENT),))
     out = stage.process([record]).outputs[0]
-    assert out.value == stage.validate(decode(value), 1764400000001).to_json()
-    assert isinstance(stage.validate(decode(value), 1764400000001), Reading)
+    assert out.value == validator.validate(decode(value), 1764400000001).to_json()
+    assert isinstance(validator.validate(decode(value), 1764400000001), Reading)
     assert (out.key, out.timestamp_ms, out.source_offset) == (b"d", 1764400000000, 7)
 
 
@@ -262,12 +265,12 @@ def test_send_batch_raises_when_a_record_is_not_acknowledged():
 # -- lineage hops -----------------------------------------------------------------
 
 
-def _batch() -> tuple[list[InRecord], StageResult, list, Deliveries]:
+def _batch() -> tuple[list[Record], BatchResult, list, Deliveries]:
     records = [
-        InRecord("iot.raw", 2, 100 + i, 0, b"k", b"v", (("lineage-id", b"L%d" % i),))
+        Record("iot.raw", 2, 100 + i, 0, b"k", b"v", (("lineage-id", b"L%d" % i),))
         for i in range(6)
     ]
-    result = StageResult()
+    result = BatchResult("parse", {"schema_violation": ""})
     for i in (0, 1, 3):
         result.outputs.append(
             OutRecord(b"k", b"o", [("lineage-id", b"L%d" % i), ("schema", b"s")], 0, 100 + i)
@@ -280,7 +283,7 @@ def _batch() -> tuple[list[InRecord], StageResult, list, Deliveries]:
     retries = [("iot.parse.retry", b"k", b"v", retry_headers, None)]
     result.dead.append(
         DeadLetter(
-            "parse", Reason.SCHEMA_VIOLATION, "InvalidMessage", "bad", b"k", b"v",
+            "parse", "schema_violation", "InvalidMessage", "bad", b"k", b"v",
             (("lineage-id", b"L5"),), "iot.raw", 2, 105, 0,
         )
     )  # fmt: skip
@@ -293,7 +296,10 @@ def _batch() -> tuple[list[InRecord], StageResult, list, Deliveries]:
 
 def test_hops_of_a_batch_expand_to_one_hop_per_record():
     records, result, retries, delivered = _batch()
-    out = lineage.batch_hops("parse", "iot.lineage", records, result, retries, delivered, 77)
+    out = lineage.batch_hops(
+        "parse", "iot.lineage", records, result, retries, delivered, 77,
+        ["iot.parsed"] * 4, "iot.parse.retry", "iot.parse.dlq",
+    )  # fmt: skip
     assert len(out) == 1
     topic, key, value, headers, ts = out[0]
     assert (topic, key, headers, ts) == ("iot.lineage", b"parse/iot.raw/2", [], None)
@@ -319,27 +325,21 @@ def test_hops_of_a_batch_expand_to_one_hop_per_record():
     assert hops["L5"]["outcome"] == "dead_letter" and hops["L5"]["reason"] == "schema_violation"
     assert hops["L5"]["out"] == ["iot.parse.dlq", 1, 15]
     assert sorted(hops) == ["L0", "L1", "L2", "L3", "L5"]  # the output without an id: none
-    # the same with the topics named by the binding and Delivered objects
+    # the same with Delivered objects
     named = lineage.batch_hops(
         "parse", "iot.lineage", records, result, retries, list(delivered), 77,
-        ("iot.parsed", "iot.parse.retry", "iot.parse.dlq"),
+        ["iot.parsed"] * 4, "iot.parse.retry", "iot.parse.dlq",
     )  # fmt: skip
     assert lineage.expand(named[0][2]) == lineage.expand(value)
 
 
-@dataclasses.dataclass(slots=True)
-class CountedResult(StageResult):
-    """What the aggregate returns, as far as hops are concerned."""
-
-    counted: list[tuple[int, str, tuple[str, str, int]]] = dataclasses.field(default_factory=list)
-
-
 def test_counted_hops_and_chunks(monkeypatch):
     monkeypatch.setattr(lineage, "MAX_HOPS", 4)
-    records = [InRecord("iot.enriched", 1, i, 0, b"k", b"v", ()) for i in range(10)]
-    result = CountedResult(counted=[(i, f"L{i}", ("dev", "temp", 60_000)) for i in range(10)])
+    records = [Record("iot.enriched", 1, i, 0, b"k", b"v", ()) for i in range(10)]
+    result = BatchResult("aggregate", {})
+    result.counted = [(i, f"L{i}", ["dev", "temp", 60_000]) for i in range(10)]
     out = lineage.batch_hops(
-        "aggregate", "iot.lineage", records, result, [], Deliveries([], [], []), 5
+        "aggregate", "iot.lineage", records, result, [], Deliveries([], [], []), 5, [], "", "dlq"
     )
     assert len(out) == 3
     hops = [h for _, _, value, _, _ in out for h in lineage.expand(value)]

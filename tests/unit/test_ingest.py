@@ -1,9 +1,8 @@
 import orjson
 
 from pipeline import contract
-from pipeline.settings import IngestSettings
-from stages.ingest import IngestStage, sniff_identity
-from tests.unit.records import reading, rec
+from stages.ingest import ingest, sniff_identity
+from tests.unit.records import Batchwise, engine, reading, rec
 
 
 class Clock:
@@ -14,8 +13,8 @@ class Clock:
         return self.t
 
 
-def stage(clock=None, **kw) -> IngestStage:
-    return IngestStage(IngestSettings(**kw), clock=clock or Clock())
+def stage(clock=None, **kw) -> Batchwise:
+    return Batchwise(engine(ingest, kw, clock or Clock(), stage_id="ingest"))
 
 
 def test_json_and_csv_are_keyed_and_get_lineage_headers():
@@ -92,7 +91,7 @@ def test_dedup_memory_is_bounded():
     s = stage(dedup_max_keys=3)
     for i in range(10):
         s.process([rec(reading(seq=i))])
-    assert len(s.deduper) <= 3
+    assert len(s.engine.processor.deduper) <= 3
 
 
 def test_unreadable_payload_passes_through_for_parse_to_reject():

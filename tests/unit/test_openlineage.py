@@ -21,7 +21,9 @@ import pytest
 
 from pipeline.errors import ConfigError
 from pipeline.obs.openlineage import StageLineage, default_file_path, kafka_namespace
-from pipeline.settings import STAGE_IDS, Settings, load_settings
+from pipeline.settings import Settings, load_settings
+
+STAGE_IDS = ("ingest", "parse", "enrich", "aggregate")
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "config" / "pipeline.yaml"

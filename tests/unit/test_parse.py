@@ -4,16 +4,15 @@ import orjson
 import pytest
 
 from pipeline import contract
-from pipeline.settings import MetricRange, ParseSettings
-from stages.parse import ParseStage
-from tests.unit.records import reading, rec
+from stages.parse import parse
+from tests.unit.records import Batchwise, engine, reading, rec
 
 NOW_S = 1_700_000_100.0
 
 
-def stage() -> ParseStage:
-    settings = ParseSettings(ranges={"humidity": MetricRange(min=0, max=100)})
-    return ParseStage(settings, clock=lambda: NOW_S)
+def stage() -> Batchwise:
+    config = {"ranges": {"humidity": {"min": 0, "max": 100}}}
+    return Batchwise(engine(parse, config, lambda: NOW_S, stage_id="parse"))
 
 
 def test_json_and_csv_normalise_to_one_schema():

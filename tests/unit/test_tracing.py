@@ -4,17 +4,18 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from pipeline import contract
 from pipeline.obs import tracing
-from pipeline.settings import ParseSettings
-from stages.parse import ParseStage
-from tests.unit.records import reading, rec
+from stages.parse import parse
+from tests.unit.records import Batchwise, engine, reading, rec
+
+
+def ParseStage() -> Batchwise:
+    return Batchwise(engine(parse, stage_id="parse"))
 
 
 def test_without_an_sdk_tracing_is_off_and_outputs_still_carry_a_child_traceparent():
     assert not tracing.active()  # the API's default provider records nothing
     parent = contract.new_traceparent()
-    out = ParseStage(ParseSettings()).process(
-        [rec(reading(), headers=(("traceparent", parent.encode()),))]
-    )
+    out = ParseStage().process([rec(reading(), headers=(("traceparent", parent.encode()),))])
     child = contract.header_map(out.outputs[0].headers)["traceparent"].decode()
     assert child.split("-")[1] == parent.split("-")[1]  # same trace
     assert child.split("-")[2] != parent.split("-")[2]  # a new span
@@ -29,7 +30,7 @@ def test_with_an_sdk_each_output_gets_a_span_that_is_a_child_of_its_input():
         rec(reading(seq=i), headers=(("traceparent", p.encode()), ("lineage-id", b"L%d" % i)))
         for i, p in enumerate(parents)
     ]
-    result = ParseStage(ParseSettings()).process(records)
+    result = ParseStage().process(records)
     tracing.stage_spans(provider.get_tracer("test"), "parse", records, result, 1)
     spans = exporter.get_finished_spans()
     assert len(spans) == 3

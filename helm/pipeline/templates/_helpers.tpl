@@ -48,6 +48,24 @@ app.kubernetes.io/part-of: iot-pipeline
 {{- end }}
 {{- end }}
 
+{{/*
+One stage's image: its own `image` (a user's stage in an image built on this
+project's), else the release's. Context: dict "root" $ "image" ENTRY-IMAGE.
+*/}}
+{{- define "pipeline.stageImage" -}}
+{{- $own := .image | default dict }}
+{{- $image := merge (deepCopy $own) .root.Values.image }}
+{{- if and $own.repository (not (hasKey $own "tag")) (not $own.digest) }}
+{{- $_ := set $image "tag" "" }}
+{{- $_ := set $image "digest" "" }}
+{{- end }}
+{{- if $image.digest -}}
+{{ $image.repository }}@{{ $image.digest }}
+{{- else -}}
+{{ $image.repository }}:{{ $image.tag | default .root.Chart.AppVersion }}
+{{- end }}
+{{- end }}
+
 {{- define "pipeline.serviceAccountName" -}}
 {{- if .Values.serviceAccount.create }}
 {{- default (include "pipeline.fullname" .) .Values.serviceAccount.name }}
@@ -57,10 +75,10 @@ app.kubernetes.io/part-of: iot-pipeline
 {{- end }}
 
 {{/*
-The stage ids `pipeline run` accepts (pipeline.settings.STAGE_IDS).
+The stage ids `pipeline run` accepts: the stages config.stages declares.
 */}}
 {{- define "pipeline.stageIds" -}}
-ingest parse enrich aggregate
+{{- keys (.Values.config.stages | default dict) | sortAlpha | join " " }}
 {{- end }}
 
 {{/*
@@ -128,6 +146,8 @@ enabled: {{ ternary $entry.enabled true (hasKey $entry "enabled") }}
 replicas: {{ int (ternary $entry.replicas $defaults.replicas (hasKey $entry "replicas")) }}
 terminationGracePeriodSeconds: {{ int $grace }}
 consumerGroup: {{ printf "%s-%s" ($root.Values.config.app_prefix | default "iot-pipeline") $stageId }}
+image: {{ include "pipeline.stageImage" (dict "root" $root "image" $entry.image) }}
+imagePullPolicy: {{ ($entry.image | default dict).pullPolicy | default $root.Values.image.pullPolicy }}
 inputs: {{ toJson $spec.inputs }}
 partitions: {{ $partitions }}
 autoscaling: {{ toJson $autoscaling }}

@@ -1,0 +1,280 @@
+"""Keyed state of a stateful stage: per partition, per lane, with a crash-safe changelog.
+
+In memory, one :class:`LaneState` per (partition, lane) holds the stage's values
+as Python objects. What a batch changed is written to the changelog (a compacted
+topic, one partition per input partition) in this order, once the batch's outputs
+were acknowledged:
+
+1. values set (and, for a key set and then deleted in the same batch, the value it
+   had last),
+2. the lane's watermark,
+3. deletions,
+4. per ended backfill lane: tombstones of its keys, of its watermark, then an
+   ``ended`` marker,
+5. last, the *fence*: the next input offset of the batch's topic partition.
+
+The changelog keeps the order of one partition's writes, so whatever prefix of
+them survives a crash is a state from which re-delivering the batch gives the
+same result: records below a saved fence are skipped as duplicates; updates
+without their watermark are recognised by the stage (e.g. as repeats of a
+lineage id); and nothing is forgotten before the watermark that forgot it is
+saved. Changelog keys are JSON arrays: ``["s", partition, lane, key]``,
+``["wm", partition, lane]``, ``["end", partition, lane]``, ``["in", partition, topic]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import orjson
+
+from pipeline.stage import LIVE, Codec
+
+_MISSING: Any = object()
+
+Write = tuple[bytes, bytes | None]
+
+
+def _hashable(key: Any) -> Any:
+    if isinstance(key, list):
+        return tuple(_hashable(k) for k in key)
+    return key
+
+
+def state_key(partition: int, lane: str, key: Any) -> bytes:
+    return orjson.dumps(["s", partition, lane, key])
+
+
+def watermark_key(partition: int, lane: str) -> bytes:
+    return orjson.dumps(["wm", partition, lane])
+
+
+def ended_key(partition: int, lane: str) -> bytes:
+    return orjson.dumps(["end", partition, lane])
+
+
+def fence_key(partition: int, topic: str) -> bytes:
+    return orjson.dumps(["in", partition, topic])
+
+
+class LaneState:
+    """The :class:`pipeline.stage.State` of one partition and lane."""
+
+    __slots__ = (
+        "_data",
+        "_deleted",
+        "_dirty",
+        "_journal",
+        "_last_set",
+        "_watermark",
+        "_wm_dirty",
+        "cache",
+        "lane",
+        "partition",
+    )
+
+    def __init__(self, partition: int, lane: str = LIVE) -> None:
+        self.partition = partition
+        self.lane = lane
+        self.cache: dict[str, Any] = {}
+        self._data: dict[Any, Any] = {}
+        self._watermark: int | None = None
+        self._wm_dirty = False
+        self._dirty: dict[Any, None] = {}
+        self._deleted: dict[Any, None] = {}
+        self._last_set: dict[Any, Any] = {}
+        self._journal: list[tuple[Any, Any, bool, bool, Any]] | None = None
+
+    # -- what the stage sees -----------------------------------------------------
+    @property
+    def watermark(self) -> int | None:
+        """The highest event time seen in this lane (or advanced to while idle)."""
+        return self._watermark
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        return self._data.get(key, default)
+
+    def __getitem__(self, key: Any) -> Any:
+        return self._data[key]
+
+    def __contains__(self, key: Any) -> bool:
+        return key in self._data
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def items(self) -> Iterator[tuple[Any, Any]]:
+        return iter(list(self._data.items()))
+
+    def keys(self) -> Iterator[Any]:
+        return iter(list(self._data))
+
+    def set(self, key: Any, value: Any) -> None:
+        if self._journal is not None:
+            self._note(key)
+        self._data[key] = value
+        self._dirty[key] = None
+        if key in self._deleted:
+            del self._deleted[key]
+            self._last_set.pop(key, None)
+
+    def delete(self, key: Any) -> None:
+        if key not in self._data:
+            return
+        if self._journal is not None:
+            self._note(key)
+        if key in self._dirty:
+            self._last_set[key] = self._data[key]
+            del self._dirty[key]
+        del self._data[key]
+        self._deleted[key] = None
+
+    # -- the engine's side ----------------------------------------------------------
+    def _note(self, key: Any) -> None:
+        assert self._journal is not None
+        self._journal.append(
+            (
+                key,
+                self._data.get(key, _MISSING),
+                key in self._dirty,
+                key in self._deleted,
+                self._last_set.get(key, _MISSING),
+            )
+        )
+
+    def begin(self) -> None:
+        """Start recording what one record changes (see :meth:`rollback`)."""
+        self._journal = []
+
+    def commit(self) -> None:
+        self._journal = None
+
+    def rollback(self) -> None:
+        """Undo the sets and deletes since :meth:`begin` (not in-place changes of a
+        value: a stage that can fail after changing a value should change a copy)."""
+        journal, self._journal = self._journal, None
+        for key, value, dirty, deleted, last in reversed(journal or ()):
+            if value is _MISSING:
+                self._data.pop(key, None)
+            else:
+                self._data[key] = value
+            if dirty:
+                self._dirty[key] = None
+            else:
+                self._dirty.pop(key, None)
+            if deleted:
+                self._deleted[key] = None
+            else:
+                self._deleted.pop(key, None)
+            if last is _MISSING:
+                self._last_set.pop(key, None)
+            else:
+                self._last_set[key] = last
+
+    def advance(self, watermark: int) -> None:
+        self._watermark = watermark
+        self._wm_dirty = True
+
+    def load_value(self, key: Any, value: Any) -> None:
+        self._data[key] = value
+
+    def load_watermark(self, watermark: int | None) -> None:
+        self._watermark = watermark
+
+    def flush(self, codec: Codec, out: list[Write]) -> None:
+        """Append this lane's changes to ``out`` in the crash-safe order; forget them."""
+        partition, lane = self.partition, self.lane
+        encode = codec.encode
+        data = self._data
+        for key in self._dirty:
+            out.append((state_key(partition, lane, key), encode(data[key])))
+        for key, value in self._last_set.items():
+            out.append((state_key(partition, lane, key), encode(value)))
+        if self._wm_dirty:
+            out.append(
+                (watermark_key(partition, lane), orjson.dumps({"watermark": self._watermark}))
+            )
+        for key in self._deleted:
+            out.append((state_key(partition, lane, key), None))
+        self._dirty.clear()
+        self._deleted.clear()
+        self._last_set.clear()
+        self._wm_dirty = False
+
+    def drop_all(self, out: list[Write]) -> None:
+        """Tombstones for every key and the watermark (an ended lane)."""
+        partition, lane = self.partition, self.lane
+        for key in self._data:
+            out.append((state_key(partition, lane, key), None))
+        out.append((watermark_key(partition, lane), None))
+        self._data.clear()
+
+
+class PartitionStore:
+    """Everything a stateful stage keeps for one input partition."""
+
+    __slots__ = (
+        "ended",
+        "fences",
+        "idle_base",
+        "idle_since",
+        "lanes",
+        "last_live_input_at",
+        "on_new",
+        "partition",
+    )
+
+    def __init__(
+        self, partition: int, now: float, on_new: Callable[[LaneState], None] | None = None
+    ) -> None:
+        self.partition = partition
+        #: called with each lane made after the store (the stage's on_restore)
+        self.on_new = on_new
+        self.lanes: dict[str, LaneState] = {LIVE: LaneState(partition, LIVE)}
+        if on_new is not None:
+            on_new(self.lanes[LIVE])
+        self.ended: set[str] = set()
+        #: input topic -> the next input offset the state does not hold
+        self.fences: dict[str, int] = {}
+        self.last_live_input_at = now
+        self.idle_since: float | None = None
+        self.idle_base: int | None = None
+
+    @property
+    def live(self) -> LaneState:
+        return self.lanes[LIVE]
+
+    def lane(self, name: str) -> LaneState:
+        state = self.lanes.get(name)
+        if state is None:
+            state = self.lanes[name] = LaneState(self.partition, name)
+            if self.on_new is not None:
+                self.on_new(state)
+        return state
+
+
+def load_partition(
+    partition: int, items: Iterable[tuple[bytes, bytes]], codec: Codec, now: float
+) -> PartitionStore:
+    """A partition's state rebuilt from changelog items (key, value)."""
+    store = PartitionStore(partition, now)
+    for raw_key, raw_value in items:
+        try:
+            key = orjson.loads(raw_key)
+        except orjson.JSONDecodeError:
+            continue
+        if not isinstance(key, list) or len(key) < 3 or key[1] != partition:
+            continue
+        kind = key[0]
+        if kind == "s" and len(key) == 4:
+            store.lane(key[2]).load_value(_hashable(key[3]), codec.decode(raw_value))
+        elif kind == "wm":
+            store.lane(key[2]).load_watermark(orjson.loads(raw_value)["watermark"])
+        elif kind == "end":
+            store.ended.add(key[2])
+        elif kind == "in":
+            store.fences[key[2]] = orjson.loads(raw_value)["next"]
+    for lane in store.ended:
+        store.lanes.pop(lane, None)
+    return store

@@ -1,0 +1,264 @@
+"""Running a stateful stage: lanes, watermarks, the re-delivery fence, end of a lane.
+
+Per input partition the engine keeps a :class:`~pipeline.engine.state.PartitionStore`:
+
+* **lanes**: a record whose ``source`` header is ``backfill:<run-id>`` goes to that
+  run's own state, so a backfill's old data is neither late against the live
+  watermark nor mixed into live state; the run's end-of-input control record runs
+  the lane's last hooks (watermark :data:`~pipeline.stage.END_OF_TIME`,
+  ``on_end_of_lane``), then drops the lane and remembers it as ended (a later record
+  of it is ``late``);
+* **watermarks**: for a stage with ``event_time``, each lane's watermark is the
+  highest event time seen there (advanced after the record is processed, so the
+  stage sees the watermark the record arrived at); when it moves, ``on_watermark``
+  runs. An idle live lane's watermark advances with the wall clock (:meth:`tick`,
+  only while the pipeline upstream is caught up, checked by the runtime);
+* **the fence**: the next input offset of each input topic, written last with the
+  batch's state; records below it are already in the state and are skipped.
+
+Changes a record made to state are rolled back if processing it raised. An
+exception in a hook (``on_watermark``, ``on_end_of_lane``) is not attributable to a
+record: it is re-raised and the worker exits without committing.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+from dlq.reasons import LATE
+from pipeline import contract
+from pipeline.engine.emit import Emitter, emits_of
+from pipeline.engine.result import BatchResult
+from pipeline.engine.state import LaneState, PartitionStore, ended_key, fence_key, load_partition
+from pipeline.errors import ConfigError, InvalidMessage, RetryableError
+from pipeline.records import Record
+from pipeline.stage import END_OF_TIME, LIVE, StageContext, StageDef
+
+_SOURCE, _CONTROL = contract.H_SOURCE, contract.H_CONTROL
+_BACKFILL = contract.SOURCE_BACKFILL_PREFIX.encode()
+_END_OF_INPUT = contract.CONTROL_END_OF_INPUT.encode()
+
+
+def lane_of(record: Record) -> tuple[str, bool]:
+    """The record's lane (LIVE, or ``backfill:<run-id>``) and whether it is the lane's
+    end-of-input control record."""
+    lane, control = LIVE, False
+    for name, value in record.headers:
+        if name == _SOURCE:
+            lane = value.decode("utf-8", "replace") if value.startswith(_BACKFILL) else LIVE
+        elif name == _CONTROL:
+            control = value == _END_OF_INPUT
+    return lane, control and bool(lane)
+
+
+class StatefulEngine:
+    """A stateful stage bound to its context, with the state of its partitions."""
+
+    stateful = True
+
+    def __init__(
+        self,
+        stage_id: str,
+        definition: StageDef,
+        ctx: StageContext,
+        emitter: Emitter,
+        on_error: str = "dead_letter",
+        idle_timeout_s: float = 5.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.stage_id = stage_id
+        self.definition = definition
+        self.ctx = ctx
+        self.emitter = emitter
+        self.crash = on_error == "crash"
+        self.declared = definition.all_reasons
+        self.idle_timeout_s = idle_timeout_s
+        self.clock = clock
+        codec = definition.state_codec
+        assert codec is not None
+        self.codec = codec
+        self.processor: Any = definition.build(ctx)
+        proc = self.processor
+        self._event_time = getattr(proc, "event_time", None)
+        self._on_watermark = getattr(proc, "on_watermark", None)
+        self._next_deadline = getattr(proc, "next_deadline", None)
+        self._on_end_of_lane = getattr(proc, "on_end_of_lane", None)
+        self._on_restore = getattr(proc, "on_restore", None)
+        self.stores: dict[int, PartitionStore] = {}
+
+    def new_result(self) -> BatchResult:
+        return BatchResult(self.stage_id, self.declared, self.emitter)
+
+    # -- state of partitions -----------------------------------------------------------
+    def load(self, partition: int, items: Iterable[tuple[bytes, bytes]]) -> None:
+        """(Re)build ``partition`` from changelog items."""
+        store = load_partition(partition, items, self.codec, self.clock())
+        if self._on_restore is not None:
+            for state in store.lanes.values():
+                self._on_restore(state)
+        store.on_new = self._on_restore
+        self.stores[partition] = store
+
+    def drop(self, partition: int) -> None:
+        self.stores.pop(partition, None)
+
+    def _store(self, partition: int) -> PartitionStore:
+        store = self.stores.get(partition)
+        if store is None:
+            store = PartitionStore(partition, self.clock(), self._on_restore)
+            self.stores[partition] = store
+        return store
+
+    # -- a batch -------------------------------------------------------------------------
+    def process(self, partition: int, records: Sequence[Record]) -> BatchResult:
+        result = self.new_result()
+        store = self._store(partition)
+        topic = records[0].topic if records else ""
+        fence = store.fences.get(topic, -1)
+        dirty: dict[str, LaneState] = {}
+        ended: list[LaneState] = []
+        live_input = False
+        for record in records:
+            if record.offset < fence:  # re-delivered: its effect is in the state already
+                result.duplicates += 1
+                continue
+            lane, end_of_input = lane_of(record)
+            if lane:
+                if end_of_input:
+                    if lane not in store.ended:
+                        ended.append(self._end_lane(store, lane, result))
+                        dirty[lane] = ended[-1]
+                    continue
+                if lane in store.ended:
+                    result.reject(
+                        record, InvalidMessage(LATE, f"{lane} has ended: its state is emitted")
+                    )
+                    continue
+            else:
+                live_input = True
+            state = store.lane(lane)
+            dirty[lane] = state
+            self._one(record, state, result)
+        if live_input:
+            store.last_live_input_at = self.clock()
+        writes = result.writes
+        for state in dirty.values():
+            state.flush(self.codec, writes)
+        for state in ended:
+            state.drop_all(writes)
+            writes.append((ended_key(partition, state.lane), b"{}"))
+            store.lanes.pop(state.lane, None)
+        if records and records[-1].offset >= fence:
+            # last: once it is in the changelog, so is everything before it (one
+            # partition, in order), and a re-delivery of these records is skipped
+            nxt = records[-1].offset + 1
+            store.fences[topic] = nxt
+            writes.append((fence_key(partition, topic), b'{"next":%d}' % nxt))
+        return result
+
+    def _one(self, record: Record, state: LaneState, result: BatchResult) -> None:
+        ctx = self.ctx
+        ctx._duplicate, ctx._counted = False, None
+        state.begin()
+        try:
+            ts = self._event_time(record) if self._event_time is not None else None
+            emits = emits_of(self.processor.process(record, state))
+            outs = self.emitter.from_record(record, emits) if emits else None
+        except InvalidMessage as exc:
+            state.rollback()
+            result.reject(record, exc)
+            return
+        except RetryableError as exc:
+            state.rollback()
+            result.retry(record, exc)
+            return
+        except ConfigError:
+            raise  # a declaration problem, not this record's: the worker stops
+        except Exception as exc:
+            state.rollback()
+            if self.crash:
+                raise
+            result.bug(record, exc)
+            return
+        state.commit()
+        if ctx._duplicate:
+            result.duplicates += 1
+        else:
+            if outs:
+                result.outputs.extend(outs)
+            if ctx._counted:
+                lineage = record.lineage_id or contract.lineage_id(
+                    record.timestamp_ms, record.topic, record.partition, record.offset
+                )
+                result.counted.extend((record.offset, lineage, ref) for ref in ctx._counted)
+            elif not outs:
+                result.dropped.append(record)
+        if ts is not None and (state.watermark is None or ts > state.watermark):
+            self._advance(state, ts, result)
+
+    def _advance(self, state: LaneState, watermark: int, result: BatchResult) -> None:
+        state.advance(watermark)
+        if self._on_watermark is not None:
+            self._from_state(state, self._on_watermark(state, watermark), result)
+
+    def _from_state(self, state: LaneState, value: Any, result: BatchResult) -> None:
+        emits = emits_of(value)
+        if emits:
+            outs = self.emitter.from_state(state.lane, emits, int(self.clock() * 1000))
+            result.outputs.extend(outs)
+            result.emitted_from_state += len(outs)
+
+    def _end_lane(self, store: PartitionStore, lane: str, result: BatchResult) -> LaneState:
+        """A backfill run's end of input: the lane's last hooks, then it is forgotten."""
+        state = store.lane(lane)
+        self._advance(state, END_OF_TIME, result)
+        if self._on_end_of_lane is not None:
+            self._from_state(state, self._on_end_of_lane(state), result)
+        store.ended.add(lane)
+        result.lanes_ended.append(lane)
+        return state
+
+    # -- idle time -------------------------------------------------------------------------
+    def idle_partitions(self) -> bool:
+        """Is any loaded partition's live lane idle (and has a watermark to advance)?"""
+        if self._event_time is None:
+            return False
+        now = self.clock()
+        return any(
+            now - store.last_live_input_at >= self.idle_timeout_s
+            and store.live.watermark is not None
+            for store in self.stores.values()
+        )
+
+    def tick(self, partition: int, quiet_since: float) -> BatchResult | None:
+        """Advance an idle partition's live watermark at wall-clock rate.
+
+        The partition is idle from its last live input or from ``quiet_since`` (when
+        the runtime last saw the pipeline upstream become quiet), whichever is later:
+        time during which upstream still had work does not count. State is written
+        only when the stage has work at the new watermark (``next_deadline``)."""
+        store = self.stores.get(partition)
+        if store is None or self._event_time is None:
+            return None
+        state = store.live
+        if state.watermark is None:
+            return None
+        idle_since = max(store.last_live_input_at, quiet_since)
+        if store.idle_since != idle_since:
+            store.idle_since, store.idle_base = idle_since, state.watermark
+        idle_for = self.clock() - idle_since
+        if idle_for < self.idle_timeout_s or store.idle_base is None:
+            return None
+        target = store.idle_base + int(idle_for * 1000)
+        if target <= state.watermark:
+            return None
+        if self._next_deadline is not None:
+            deadline = self._next_deadline(state)
+            if deadline is None or deadline > target:
+                return None
+        result = self.new_result()
+        self._advance(state, target, result)
+        state.flush(self.codec, result.writes)
+        return result

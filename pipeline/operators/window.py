@@ -1,0 +1,367 @@
+"""Windowed aggregation: a reusable stateful stage.
+
+Records (JSON objects) are grouped by ``key`` fields into event-time windows of
+``window_s`` seconds aligned to the epoch: tumbling, or hopping every ``hop_s``
+(a record then counts in every window that contains it). Per window it keeps
+``count``, ``sum``, ``min``, ``max``, ``mean``, ``first``/``last`` (the value at the
+earliest/latest event time) of the ``value`` field, the ``carry`` fields of the
+window's first record, and any user reducer. A window is emitted once, when its
+lane's watermark reaches ``end + allowed_lateness``; then:
+
+* a record whose lineage id the window already counted is a duplicate (ignored);
+* any other record for it is ``late`` (a dead letter) — unless it also belongs to
+  a window still open (hopping), which counts it;
+* the window's lineage ids are kept for ``closed_retention_s`` of event time
+  (default one window length), then the window is forgotten; a replay reaching
+  further back gets ``late`` dead letters for records already counted, never a
+  second count.
+
+Backfill lanes get ``backfill_lateness_s`` of allowed lateness; their windows all
+close when the lane ends, and carry ``"source": "backfill:<run>"``. The engine
+(:mod:`pipeline.engine.stateful`) provides the lanes, watermarks, idle advance,
+fence and crash-safe changelog; this module is only the windows.
+
+From pipeline.yaml::
+
+    uses: pipeline.operators:windowed
+    config: {key: [device_id], time: ts, value: value, window_s: 300, hop_s: 60,
+             aggregations: [count, mean, max]}
+
+From Python, with reducers of your own::
+
+    p95 = Reducer(init=list, add=lambda acc, v, doc: acc + [v], result=percentile_95)
+    stats = window_stage(key=("device_id",), reducers={"p95": p95})
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from dlq.reasons import LATE
+from pipeline import contract
+from pipeline.errors import InvalidMessage
+from pipeline.records import Emit, Record
+from pipeline.stage import StageContext, StageDef, State, stage
+
+SCHEMA_VIOLATION = "schema_violation"
+BUILTIN = ("count", "sum", "min", "max", "mean", "first", "last")
+_STATE_REF = contract.H_STATE_REF
+
+
+@dataclass(frozen=True)
+class Reducer:
+    """A user aggregation: ``add(acc, value, doc) -> acc`` from ``init()``;
+    ``result(acc)`` is what the window shows. ``acc`` must be JSON-able (it is kept in
+    the changelog)."""
+
+    init: Callable[[], Any]
+    add: Callable[[Any, float, Mapping[str, Any]], Any]
+    result: Callable[[Any], Any] = lambda acc: acc
+
+
+class WindowConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    key: tuple[str, ...] = Field(min_length=1)
+    time: str = "ts"
+    value: str = "value"
+    window_s: int = Field(default=60, ge=1)
+    #: hopping windows every hop_s (≤ window_s); none: tumbling
+    hop_s: int | None = Field(default=None, ge=1)
+    allowed_lateness_s: int = Field(default=10, ge=0)
+    backfill_lateness_s: int = Field(default=3600, ge=0)
+    #: how long (event time) an emitted window remembers its records' lineage ids
+    closed_retention_s: int | None = Field(default=None, ge=0)
+    aggregations: tuple[str, ...] = ("count", "min", "max", "mean")
+    carry: tuple[str, ...] = ()
+    #: first_ts, last_ts, first_lineage_id, last_lineage_id in each window
+    lineage_bounds: bool = True
+    #: the field whose value keys the output record (default: the first key field)
+    output_key: str | None = None
+    schema_name: str = Field(default="aggregate/1", alias="schema")
+
+    @field_validator("aggregations")
+    @classmethod
+    def _known(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = [a for a in value if a not in BUILTIN]
+        if unknown:
+            raise ValueError(f"unknown aggregation(s) {unknown}; choose from {list(BUILTIN)}")
+        return value
+
+    @model_validator(mode="after")
+    def _hop(self) -> WindowConfig:
+        if self.hop_s is not None and self.hop_s > self.window_s:
+            raise ValueError(f"hop_s {self.hop_s} is longer than window_s {self.window_s}")
+        return self
+
+
+@dataclass(slots=True)
+class Window:
+    key: tuple[Any, ...]
+    carry: dict[str, Any]
+    start: int
+    end: int
+    count: int = 0
+    total: float = 0.0
+    min: float = float("inf")
+    max: float = float("-inf")
+    first_ts: int = 0
+    last_ts: int = 0
+    first_value: float = 0.0
+    last_value: float = 0.0
+    first_lineage_id: str = ""
+    last_lineage_id: str = ""
+    custom: dict[str, Any] = field(default_factory=dict)
+    ids: set[str] = field(default_factory=set)
+    closed: bool = False
+
+    def add(self, ts: int, value: float, lineage: str) -> None:
+        if (
+            self.count == 0
+            or ts < self.first_ts
+            or (ts == self.first_ts and lineage < self.first_lineage_id)
+        ):
+            self.first_ts, self.first_lineage_id, self.first_value = ts, lineage, value
+        if (
+            self.count == 0
+            or ts > self.last_ts
+            or (ts == self.last_ts and lineage > self.last_lineage_id)
+        ):
+            self.last_ts, self.last_lineage_id, self.last_value = ts, lineage, value
+        self.count += 1
+        self.total += value
+        if value < self.min:
+            self.min = value
+        if value > self.max:
+            self.max = value
+        self.ids.add(lineage)
+
+
+class WindowCodec:
+    """Windows in the changelog: JSON, lineage ids sorted (stable bytes)."""
+
+    def encode(self, window: Window) -> bytes:
+        doc = {s: getattr(window, s) for s in Window.__slots__ if s != "ids"}
+        doc["ids"] = sorted(window.ids)
+        return orjson.dumps(doc)
+
+    def decode(self, raw: bytes) -> Window:
+        doc = orjson.loads(raw)
+        doc["key"] = tuple(doc["key"])
+        doc["ids"] = set(doc["ids"])
+        return Window(**doc)
+
+
+class WindowedAggregate:
+    """The stateful processor (see the module docstring)."""
+
+    def __init__(self, ctx: StageContext, reducers: Mapping[str, Reducer] | None = None) -> None:
+        self.ctx = ctx
+        config: WindowConfig = ctx.config
+        self.config = config
+        self.reducers = dict(reducers or {})
+        self.size_ms = config.window_s * 1000
+        self.hop_ms = (config.hop_s or config.window_s) * 1000
+        retention = config.closed_retention_s
+        self.retention_ms = self.size_ms if retention is None else retention * 1000
+        self.lateness_ms = config.allowed_lateness_s * 1000
+        self.backfill_lateness_ms = config.backfill_lateness_s * 1000
+        self.key_fields = config.key
+        key_field = config.output_key or config.key[0]
+        self.output_key_index = config.key.index(key_field) if key_field in config.key else None
+        self.output_key_field = key_field
+        self.schema = config.schema_name
+        self._parsed: tuple[Record, dict[str, Any], tuple[Any, ...], int, float] | None = None
+
+    # -- reading a record ------------------------------------------------------------
+    def _parse(self, record: Record) -> tuple[dict[str, Any], tuple[Any, ...], int, float]:
+        parsed = self._parsed
+        if parsed is not None and parsed[0] is record:
+            return parsed[1], parsed[2], parsed[3], parsed[4]
+        cfg = self.config
+        try:
+            doc = orjson.loads(record.value or b"")
+            key = tuple(doc[f] for f in self.key_fields)
+            ts = int(doc[cfg.time])
+            value = float(doc[cfg.value])
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            raise InvalidMessage(
+                SCHEMA_VIOLATION,
+                f"not a record with key {list(self.key_fields)}, time {cfg.time!r} and "
+                f"value {cfg.value!r}",
+            ) from None
+        if any(isinstance(k, dict | list) for k in key):
+            raise InvalidMessage(SCHEMA_VIOLATION, "a key field is an object or a list")
+        self._parsed = (record, doc, key, ts, value)
+        return doc, key, ts, value
+
+    def event_time(self, record: Record) -> int:
+        return self._parse(record)[2]
+
+    def _lateness(self, state: State) -> int:
+        return self.backfill_lateness_ms if state.lane else self.lateness_ms
+
+    def _starts(self, ts: int) -> list[int]:
+        hop, size = self.hop_ms, self.size_ms
+        start = ts - ts % hop
+        starts = []
+        while start > ts - size:
+            starts.append(start)
+            start -= hop
+        starts.reverse()
+        return starts
+
+    # -- the stateful hooks ---------------------------------------------------------------
+    def process(self, record: Record, state: State) -> None:
+        doc, key, ts, value = self._parse(record)
+        lineage = record.lineage_id or contract.lineage_id(
+            record.timestamp_ms, record.topic, record.partition, record.offset
+        )
+        watermark, lateness = state.watermark, self._lateness(state)
+        starts = self._starts(ts)
+        first = state.get((*key, starts[0]))
+        if first is not None and lineage in first.ids:
+            self.ctx.duplicate()
+            return
+        open_starts = [
+            s for s in starts if watermark is None or s + self.size_ms + lateness > watermark
+        ]
+        if not open_starts:
+            raise InvalidMessage(
+                LATE,
+                f"record at {ts} is for window [{starts[-1]}, {starts[-1] + self.size_ms}) "
+                f"already closed at watermark {watermark}",
+            )
+        closing = state.cache["closing"]
+        for start in open_starts:
+            wkey = (*key, start)
+            window = state.get(wkey)
+            if window is None:
+                carry = {f: doc.get(f, "") for f in self.config.carry}
+                window = Window(key, carry, start, start + self.size_ms)
+                window.custom = {name: r.init() for name, r in self.reducers.items()}
+                heapq.heappush(closing, (window.end + lateness, wkey))
+            elif lineage in window.ids:
+                continue
+            window.add(ts, value, lineage)
+            for name, reducer in self.reducers.items():
+                window.custom[name] = reducer.add(window.custom[name], value, doc)
+            state.set(wkey, window)
+            self.ctx.counted([*key, start])
+
+    def on_watermark(self, state: State, watermark: int) -> list[Emit]:
+        emits: list[Emit] = []
+        closing, evicting = state.cache["closing"], state.cache["evicting"]
+        lateness = self._lateness(state)
+        while closing and closing[0][0] <= watermark:
+            _, wkey = heapq.heappop(closing)
+            window = state.get(wkey)
+            if window is None or window.closed:
+                continue
+            window.closed = True
+            state.set(wkey, window)
+            heapq.heappush(evicting, (window.end + lateness + self.retention_ms, wkey))
+            emits.append(self._emit(state, window))
+        while evicting and evicting[0][0] <= watermark:
+            _, wkey = heapq.heappop(evicting)
+            state.delete(wkey)
+        return emits
+
+    def next_deadline(self, state: State) -> int | None:
+        closing, evicting = state.cache["closing"], state.cache["evicting"]
+        due = [h[0][0] for h in (closing, evicting) if h]
+        return min(due) if due else None
+
+    def on_restore(self, state: State) -> None:
+        closing: list[tuple[int, tuple[Any, ...]]] = []
+        evicting: list[tuple[int, tuple[Any, ...]]] = []
+        lateness = self._lateness(state)
+        for wkey, window in state.items():
+            if window.closed:
+                evicting.append((window.end + lateness + self.retention_ms, wkey))
+            else:
+                closing.append((window.end + lateness, wkey))
+        heapq.heapify(closing)
+        heapq.heapify(evicting)
+        state.cache["closing"], state.cache["evicting"] = closing, evicting
+
+    # -- a window's result ---------------------------------------------------------------------
+    def result(self, window: Window) -> dict[str, Any]:
+        doc: dict[str, Any] = dict(zip(self.key_fields, window.key, strict=True))
+        doc.update(window.carry)
+        doc["window_start"], doc["window_end"] = window.start, window.end
+        for name in self.config.aggregations:
+            if name == "count":
+                doc["count"] = window.count
+            elif name == "sum":
+                doc["sum"] = window.total
+            elif name == "min":
+                doc["min"] = window.min
+            elif name == "max":
+                doc["max"] = window.max
+            elif name == "mean":
+                doc["mean"] = window.total / window.count
+            elif name == "first":
+                doc["first"] = window.first_value
+            elif name == "last":
+                doc["last"] = window.last_value
+        for name, reducer in self.reducers.items():
+            doc[name] = reducer.result(window.custom[name])
+        if self.config.lineage_bounds:
+            doc["first_ts"], doc["last_ts"] = window.first_ts, window.last_ts
+            doc["first_lineage_id"] = window.first_lineage_id
+            doc["last_lineage_id"] = window.last_lineage_id
+        return doc
+
+    def _emit(self, state: State, window: Window) -> Emit:
+        doc = self.result(window)
+        if state.lane:
+            doc["source"] = state.lane
+        key = (
+            window.key[self.output_key_index]
+            if self.output_key_index is not None
+            else window.carry.get(self.output_key_field)
+        )
+        return Emit(
+            key=None if key is None else str(key),
+            value=orjson.dumps(doc),
+            timestamp_ms=window.end,
+            schema=self.schema,
+            headers=((_STATE_REF, orjson.dumps([*window.key, window.start])),),
+        )
+
+
+def window_stage(*, reducers: Mapping[str, Reducer] | None = None, **defaults: Any) -> StageDef:
+    """A windowed-aggregation stage; ``defaults`` are :class:`WindowConfig` fields that
+    pipeline.yaml's ``config:`` may still override."""
+    for name in reducers or {}:
+        if name in BUILTIN or name in WindowConfig.model_fields:
+            raise ValueError(f"reducer name {name!r} clashes with a built-in field")
+
+    @stage(
+        stateful=True,
+        config=WindowConfig,
+        state_codec=WindowCodec(),
+        reasons={SCHEMA_VIOLATION: "a record without the key, time or value fields"},
+        name="pipeline.operators:windowed",
+    )
+    class Windowed(WindowedAggregate):
+        """Event-time windowed aggregation (pipeline.operators.window)."""
+
+        def __init__(self, ctx: StageContext) -> None:
+            super().__init__(ctx, reducers)
+
+    definition = cast(StageDef, Windowed)
+    return definition.configured(**defaults) if defaults else definition
+
+
+#: the operator for pipeline.yaml: ``uses: pipeline.operators:windowed``
+windowed = window_stage()
+
+__all__: Sequence[str] = ("Reducer", "Window", "WindowConfig", "window_stage", "windowed")
