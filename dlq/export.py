@@ -1,18 +1,4 @@
-"""Dead letters at rest: read, summarize, export, replay and (logically) purge them.
-
-A dead letter is addressed by a REF, ``<stage>:<dlq partition>:<dlq offset>``
-(``parse:0:17``): the stage whose dead-letter topic holds it and its place there.
-
-Purging is logical. Deleting records (DeleteRecords) crashes the embedded broker,
-so each dead-letter partition has a *floor*: an offset stored as the committed
-offset of the consumer group ``<app_prefix>-dlq-floor``. Everything here ignores
-records below the floor; the broker removes them physically when the topic's
-``retention.ms`` expires. A floor never moves backwards.
-
-Dead letters whose ``dlq.*`` headers are missing or malformed are still read:
-unknown fields are ``None``, the reason is ``"?"`` and :attr:`problems` says what
-is wrong. Nothing here lets one odd record stop a command.
-"""
+"""``dlq export``: dead letters to Parquet or JSON Lines, in bounded batches."""
 
 from __future__ import annotations
 

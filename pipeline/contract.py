@@ -83,6 +83,13 @@ def lineage_id(ts_ms: int, *identity: object) -> str:
     return ulid_str(ts.to_bytes(6, "big") + digest)
 
 
+def entry_lineage_id(ts_ms: int, topic: str, partition: int, offset: int) -> str:
+    """The lineage id of a record that entered a stage without one (it came from
+    outside the pipeline): derived from where it entered, so a re-delivery, its
+    outputs, its lineage hop and its dead letter all name the same id."""
+    return lineage_id(ts_ms, topic, partition, offset)
+
+
 # Trace and span ids: W3C Trace Context asks for random, non-zero ids. They come
 # from os.urandom in bulk (one call per 1024 span ids, a syscall per record cost
 # ~0.5 µs); a forked child starts a pool of its own.

@@ -103,7 +103,7 @@ class Emitter:
             headers = contract.next_hop_headers(incoming, "")
             headers = [p for p in headers if p[0] != _SCHEMA or p[1]]
         if not any(name == _LINEAGE for name, _ in headers):
-            lineage = contract.lineage_id(
+            lineage = contract.entry_lineage_id(
                 source.timestamp_ms, source.topic, source.partition, source.offset
             )
             headers.insert(0, (_LINEAGE, lineage.encode()))

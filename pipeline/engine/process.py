@@ -15,18 +15,22 @@ without committing.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 from pipeline.engine.emit import Emitter, emits_of
 from pipeline.engine.result import BatchResult
 from pipeline.errors import ConfigError, InvalidMessage, RetryableError
-from pipeline.records import Record
+from pipeline.records import OutRecord, Record
 from pipeline.stage import StageContext, StageDef
 
+_FAILED: Any = object()
 
-class StatelessEngine:
-    """A per-record or batch stage, bound to its context."""
+
+class Engine:
+    """What both engines share: the stage's processor and context, and what a
+    record's failure becomes."""
 
     stateful = False
 
@@ -49,6 +53,29 @@ class StatelessEngine:
     def new_result(self) -> BatchResult:
         return BatchResult(self.stage_id, self.declared, self.emitter)
 
+    def attempt(self, record: Record, result: BatchResult, call: Callable[[], Any]) -> Any:
+        """``call()``'s value, or :data:`_FAILED` once its failure is accounted for in
+        ``result``: a dead letter (bad input, or a bug with ``on_error:
+        dead_letter``) or a retry. A bug with ``on_error: crash``, and a ConfigError
+        (a declaration problem, not this record's), are raised."""
+        try:
+            return call()
+        except ConfigError:
+            raise
+        except InvalidMessage as exc:
+            result.reject(record, exc)
+        except RetryableError as exc:
+            result.retry(record, exc)
+        except Exception as exc:
+            if self.crash:
+                raise
+            result.bug(record, exc)
+        return _FAILED
+
+
+class StatelessEngine(Engine):
+    """A per-record or batch stage, bound to its context."""
+
     def process(self, partition: int, records: Sequence[Record]) -> BatchResult:
         if self.definition.kind == "batch":
             return self._batch(records)
@@ -56,25 +83,11 @@ class StatelessEngine:
 
     def _per_record(self, records: Sequence[Record]) -> BatchResult:
         result = self.new_result()
-        process = self.processor.process
-        ctx, emitter, outputs = self.ctx, self.emitter, result.outputs
+        ctx, outputs = self.ctx, result.outputs
         for record in records:
             ctx._duplicate = False
-            try:
-                emits = emits_of(process(record))
-                outs = emitter.from_record(record, emits) if emits else None
-            except InvalidMessage as exc:
-                result.reject(record, exc)
-                continue
-            except RetryableError as exc:
-                result.retry(record, exc)
-                continue
-            except ConfigError:
-                raise  # a declaration problem, not this record's: the worker stops
-            except Exception as exc:
-                if self.crash:
-                    raise
-                result.bug(record, exc)
+            outs = self.attempt(record, result, partial(self._outputs_of, record))
+            if outs is _FAILED:
                 continue
             if ctx._duplicate:
                 result.duplicates += 1
@@ -83,6 +96,9 @@ class StatelessEngine:
             else:
                 result.dropped.append(record)
         return result
+
+    def _outputs_of(self, record: Record) -> list[OutRecord]:
+        return self.emitter.from_record(record, emits_of(self.processor.process(record)))
 
     def _batch(self, records: Sequence[Record]) -> BatchResult:
         result = self.new_result()
@@ -101,20 +117,8 @@ class StatelessEngine:
         result = self.new_result()
         for record in records:
             alone = self.new_result()
-            try:
-                self.processor.process_batch([record], alone)
-            except InvalidMessage as exc:
-                result.reject(record, exc)
-                continue
-            except RetryableError as exc:
-                result.retry(record, exc)
-                continue
-            except ConfigError:
-                raise  # a declaration problem, not this record's: the worker stops
-            except Exception as exc:
-                if self.crash:
-                    raise
-                result.bug(record, exc)
+            alone_batch = partial(self.processor.process_batch, [record], alone)
+            if self.attempt(record, result, alone_batch) is _FAILED:
                 continue
             result.outputs.extend(alone.outputs)
             result.dead.extend(alone.dead)

@@ -16,6 +16,7 @@ from typing import Any
 from dlq import retry
 from dlq.envelope import DeadLetter
 from dlq.reasons import PROCESSING_ERROR
+from pipeline.contract import H_LINEAGE, entry_lineage_id
 from pipeline.errors import InvalidMessage, RetryableError
 from pipeline.records import OutRecord, Record, header_pairs, to_bytes
 
@@ -133,6 +134,12 @@ class BatchResult:
         at = retry.origin(
             record.headers, record.topic, record.partition, record.offset, record.timestamp_ms
         )
+        headers = record.headers
+        if not any(name == H_LINEAGE for name, _ in headers):  # it entered here
+            lineage = entry_lineage_id(
+                record.timestamp_ms, record.topic, record.partition, record.offset
+            )
+            headers = ((H_LINEAGE, lineage.encode()), *headers)
         self.dead.append(
             DeadLetter(
                 stage=self.stage_id,
@@ -141,7 +148,7 @@ class BatchResult:
                 error_message=str(exc),
                 key=record.key,
                 value=record.value,
-                headers=record.headers,
+                headers=headers,
                 topic=at.topic,
                 partition=at.partition,
                 offset=at.offset,

@@ -30,9 +30,10 @@ from typing import Any
 from dlq.reasons import LATE
 from pipeline import contract
 from pipeline.engine.emit import Emitter, emits_of
+from pipeline.engine.process import _FAILED, Engine
 from pipeline.engine.result import BatchResult
 from pipeline.engine.state import LaneState, PartitionStore, ended_key, fence_key, load_partition
-from pipeline.errors import ConfigError, InvalidMessage, RetryableError
+from pipeline.errors import InvalidMessage
 from pipeline.records import Record
 from pipeline.stage import END_OF_TIME, LIVE, StageContext, StageDef
 
@@ -53,7 +54,7 @@ def lane_of(record: Record) -> tuple[str, bool]:
     return lane, control and bool(lane)
 
 
-class StatefulEngine:
+class StatefulEngine(Engine):
     """A stateful stage bound to its context, with the state of its partitions."""
 
     stateful = True
@@ -68,18 +69,12 @@ class StatefulEngine:
         idle_timeout_s: float = 5.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.stage_id = stage_id
-        self.definition = definition
-        self.ctx = ctx
-        self.emitter = emitter
-        self.crash = on_error == "crash"
-        self.declared = definition.all_reasons
+        super().__init__(stage_id, definition, ctx, emitter, on_error)
         self.idle_timeout_s = idle_timeout_s
         self.clock = clock
         codec = definition.state_codec
         assert codec is not None
         self.codec = codec
-        self.processor: Any = definition.build(ctx)
         proc = self.processor
         self._event_time = getattr(proc, "event_time", None)
         self._on_watermark = getattr(proc, "on_watermark", None)
@@ -87,9 +82,6 @@ class StatefulEngine:
         self._on_end_of_lane = getattr(proc, "on_end_of_lane", None)
         self._on_restore = getattr(proc, "on_restore", None)
         self.stores: dict[int, PartitionStore] = {}
-
-    def new_result(self) -> BatchResult:
-        return BatchResult(self.stage_id, self.declared, self.emitter)
 
     # -- state of partitions -----------------------------------------------------------
     def load(self, partition: int, items: Iterable[tuple[bytes, bytes]]) -> None:
@@ -162,26 +154,11 @@ class StatefulEngine:
         ctx = self.ctx
         ctx._duplicate, ctx._counted = False, None
         state.begin()
-        try:
-            ts = self._event_time(record) if self._event_time is not None else None
-            emits = emits_of(self.processor.process(record, state))
-            outs = self.emitter.from_record(record, emits) if emits else None
-        except InvalidMessage as exc:
+        done = self.attempt(record, result, lambda: self._run(record, state))
+        if done is _FAILED:
             state.rollback()
-            result.reject(record, exc)
             return
-        except RetryableError as exc:
-            state.rollback()
-            result.retry(record, exc)
-            return
-        except ConfigError:
-            raise  # a declaration problem, not this record's: the worker stops
-        except Exception as exc:
-            state.rollback()
-            if self.crash:
-                raise
-            result.bug(record, exc)
-            return
+        ts, outs = done
         state.commit()
         if ctx._duplicate:
             result.duplicates += 1
@@ -189,7 +166,7 @@ class StatefulEngine:
             if outs:
                 result.outputs.extend(outs)
             if ctx._counted:
-                lineage = record.lineage_id or contract.lineage_id(
+                lineage = record.lineage_id or contract.entry_lineage_id(
                     record.timestamp_ms, record.topic, record.partition, record.offset
                 )
                 result.counted.extend((record.offset, lineage, ref) for ref in ctx._counted)
@@ -197,6 +174,11 @@ class StatefulEngine:
                 result.dropped.append(record)
         if ts is not None and (state.watermark is None or ts > state.watermark):
             self._advance(state, ts, result)
+
+    def _run(self, record: Record, state: LaneState) -> tuple[int | None, list[Any] | None]:
+        ts = self._event_time(record) if self._event_time is not None else None
+        emits = emits_of(self.processor.process(record, state))
+        return ts, (self.emitter.from_record(record, emits) if emits else None)
 
     def _advance(self, state: LaneState, watermark: int, result: BatchResult) -> None:
         state.advance(watermark)

@@ -197,7 +197,14 @@ def batch_hops(
             "windows": [ref for _, _, ref in result.counted],
         }
         groups.append((COUNTED, group, len(result.counted)))
-    dropped = [(lineage, r.offset) for r in result.dropped if (lineage := _lineage(r.headers))]
+    dropped = [
+        (
+            _lineage(r.headers)
+            or contract.entry_lineage_id(r.timestamp_ms, r.topic, r.partition, r.offset).encode(),
+            r.offset,
+        )
+        for r in result.dropped
+    ]
     if dropped:
         group = {
             "outcome": DROPPED,

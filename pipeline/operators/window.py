@@ -220,7 +220,7 @@ class WindowedAggregate:
     # -- the stateful hooks ---------------------------------------------------------------
     def process(self, record: Record, state: State) -> None:
         doc, key, ts, value = self._parse(record)
-        lineage = record.lineage_id or contract.lineage_id(
+        lineage = record.lineage_id or contract.entry_lineage_id(
             record.timestamp_ms, record.topic, record.partition, record.offset
         )
         watermark, lateness = state.watermark, self._lateness(state)

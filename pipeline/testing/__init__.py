@@ -7,6 +7,7 @@
   :mod:`pipeline.testing.cluster`.
 """
 
+from pipeline.testing.cluster import TopologyCluster
 from pipeline.testing.memory import (
     DeadLetterView,
     FakeClock,
@@ -25,6 +26,7 @@ __all__ = [
     "Produced",
     "RunResult",
     "StageHarness",
+    "TopologyCluster",
     "record",
     "run_stage",
 ]

@@ -267,7 +267,6 @@ class StageHarness:
             clock=self.clock,
             on_state=self._apply_state,
         )
-        self._loop = asyncio.new_event_loop()
 
     def _apply_state(self, partition: int, writes: list[tuple[bytes, bytes | None]]) -> None:
         for key, value in writes:
@@ -312,7 +311,7 @@ class StageHarness:
         if self.engine.stateful and partition not in self.engine.stores:
             self.engine.load(partition, list(self.state.items()))
         start = len(self.producer.log)
-        report = self._loop.run_until_complete(self.runner.handle(partition, batch))
+        report = asyncio.run(self.runner.handle(partition, batch))
         return self._collect(start, report)
 
     def tick(self, seconds: float, partition: int = 0, quiet_since: float = 0.0) -> RunResult:
@@ -320,7 +319,7 @@ class StageHarness:
         worker does while the pipeline upstream is caught up)."""
         self.clock.advance(seconds)
         start = len(self.producer.log)
-        report = self._loop.run_until_complete(self.runner.tick(partition, quiet_since))
+        report = asyncio.run(self.runner.tick(partition, quiet_since))
         return self._collect(start, report)
 
     def end_lane(self, run_id: str, partition: int = 0) -> RunResult:
@@ -339,7 +338,7 @@ class StageHarness:
             self.engine.stores.clear()
 
     def close(self) -> None:
-        self._loop.close()
+        """Nothing to release (kept for symmetry with TopologyCluster)."""
 
 
 def run_stage(stage: StageDef | str, records: Iterable[Record], **options: Any) -> RunResult:

@@ -183,3 +183,54 @@ def test_notes_say_how_each_stage_runs() -> None:
     assert "iot-pipeline-parse-canary: pipeline run parse" in notes
     assert "KEDA on lag of iot-pipeline-parse" in notes
     assert "ServiceMonitor iot-pipeline scrapes every stage" in notes
+
+
+#: A user's own stage, declared in the chart's copy of pipeline.yaml and deployed
+#: from its own image (README: "Write your own stage").
+USER_STAGE = {
+    "config": {
+        "topics": {"iot.alerts": {"partitions": 4}, "iot.alert.dlq": {"partitions": 1}},
+        "stages": {
+            "alert": {
+                "uses": "mypkg.alerts:alert",
+                "inputs": ["iot.aggregates"],
+                "output": "iot.alerts",
+                "dlq": "iot.alert.dlq",
+                "config": {"threshold": 30},
+            }
+        },
+    },
+    "stages": {
+        "alert": {"image": {"repository": "registry.example.com/my-alerts", "tag": "1.0"}},
+        "alert-canary": {"stage": "alert", "replicas": 1},
+    },
+}
+
+
+def test_a_users_stage_gets_its_own_deployment_from_its_own_image(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rendered = render(USER_STAGE)
+
+    assert rendered.kinds()["Deployment"] == 6
+    (alert,) = rendered.deployment("alert")["spec"]["template"]["spec"]["containers"]
+    assert [*alert["command"], *alert["args"]] == ["pipeline", "run", "alert"]
+    assert alert["image"] == "registry.example.com/my-alerts:1.0"
+    (canary,) = rendered.deployment("alert-canary")["spec"]["template"]["spec"]["containers"]
+    assert canary["args"] == ["run", "alert"]
+    assert canary["image"].startswith("iot-pipeline:")  # no image of its own: the release's
+    (parse,) = rendered.deployment("parse")["spec"]["template"]["spec"]["containers"]
+    assert parse["image"].startswith("iot-pipeline:")
+    for kind in ("Service", "PodDisruptionBudget"):
+        rendered.one(kind, f"{FULLNAME}-alert")
+    settings = _settings_of(rendered, "alert", tmp_path, monkeypatch)
+    assert settings.stage_ids == ("ingest", "parse", "enrich", "aggregate", "alert")
+    assert settings.topology.next_stages("aggregate") == ("alert",)
+    assert settings.group_id("alert") == "iot-pipeline-alert"
+
+
+def test_a_stage_image_by_digest_wins_over_its_tag() -> None:
+    digest = "sha256:" + "ab" * 32
+    values = {**USER_STAGE, "stages": {"alert": {"image": {"repository": "r/a", "digest": digest}}}}
+    (alert,) = render(values).deployment("alert")["spec"]["template"]["spec"]["containers"]
+    assert alert["image"] == f"r/a@{digest}"

@@ -93,3 +93,18 @@ def test_dockerignore_sends_only_what_the_dockerfile_copies() -> None:
     # Everything is excluded first (.git, .venv, demo-output, tests ...), then an allowlist.
     assert lines.index("*") < min(i for i, line in enumerate(lines) if line.startswith("!"))
     assert copied == allowed
+
+
+def test_a_users_image_on_ours_is_a_few_clean_lines() -> None:
+    """The README's image for a user's stages (examples/gateway/Dockerfile): hadolint
+    finds nothing, and it only adds the package and the config to the base image."""
+    user = REPO / "examples" / "gateway" / "Dockerfile"
+    result = subprocess.run(
+        [str(HADOLINT), "--failure-threshold", "style", str(user)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    kinds = [k for k, _ in _instructions(user.read_text())]
+    assert kinds == ["ARG", "FROM", "COPY", "COPY", "ENV", "USER"]

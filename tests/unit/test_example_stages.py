@@ -81,4 +81,9 @@ def test_alert_passes_windows_above_the_threshold_and_dead_letters_windows_witho
     )
     assert run.values() == [{"mean": 31.0}]
     assert [d.reason for d in run.dead_letters] == ["no_mean"]
-    assert [h["outcome"] for h in run.hops if h["outcome"] == "dropped"] == []  # no lineage ids
+    # the records entered here without lineage ids: each gets one derived where it
+    # entered, the same in its output, its dead letter and its hop
+    assert sorted(h["outcome"] for h in run.hops) == ["dead_letter", "dropped", "passed"]
+    ids = {h["outcome"]: h["id"] for h in run.hops}
+    assert run.outputs[0].header("lineage-id") == ids["passed"]
+    assert run.dead_letters[0].header("lineage-id") == ids["dead_letter"]
