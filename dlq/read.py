@@ -25,11 +25,11 @@ from confluent_kafka import (
 from confluent_kafka.admin import AdminClient
 
 from dlq import envelope
+from dlq.reasons import REASON_CODE
 from pipeline.errors import BrokerError, ConfigError, PipelineError
 from pipeline.kafka.clients import admin, client_config, consumer
 from pipeline.kafka.offsets import committed_offsets, high_watermarks
 from pipeline.settings import Settings
-from pipeline.stage import REASON_CODE
 from pipeline.timeparse import parse_instant, to_ms
 
 #: The reason shown for a dead letter whose ``dlq.reason`` is missing or malformed.

@@ -13,7 +13,11 @@ succeed later waits in the stage's retry topic (:mod:`dlq.retry`).
 
 from __future__ import annotations
 
+import re
 from types import MappingProxyType
+
+#: what a reason code looks like (it is a metric label value)
+REASON_CODE = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
 
 PROCESSING_ERROR = "processing_error"
 UNWRITABLE = "unwritable"

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -48,6 +47,7 @@ from typing import Any, Literal, Protocol, overload
 from pydantic import BaseModel, ValidationError
 
 from dlq.reasons import FRAMEWORK as FRAMEWORK_REASONS
+from dlq.reasons import REASON_CODE
 from pipeline.errors import ConfigError, InvalidMessage, RetryableError
 from pipeline.records import Emit, OutRecord, Record
 
@@ -56,7 +56,6 @@ END_OF_TIME = (1 << 62) - 1
 #: the live lane's name (a backfill lane is named by its source, ``backfill:<run-id>``)
 LIVE = ""
 
-REASON_CODE = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
 
 Emits = Emit | Iterable[Emit] | None
 
