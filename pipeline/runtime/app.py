@@ -41,29 +41,13 @@ from pipeline.records import Record
 from pipeline.runtime.binding import StageBinding, to_record
 from pipeline.runtime.faust_fixes import apply_faust_fixes
 from pipeline.runtime.lanes import LaneGovernor
-from pipeline.runtime.transport import BatchTransport
+from pipeline.runtime.stage_app import StageApp
 from pipeline.runtime.watchdogs import install_watchdogs
 from pipeline.settings import Settings
 
 log = logging.getLogger("pipeline.runner")
 
 EXIT_BUG = 70
-
-
-class StageApp(faust.App):
-    """A Faust app whose consumer batches the stage's input topics."""
-
-    batch_topics: frozenset[str] = frozenset()
-    #: the dead-letter budget stopped the stage: nothing more is processed or acked
-    halted: bool = False
-    #: how long a Fetch may wait for data (pipeline.transport.BatchConsumerThread)
-    fetch_max_wait_ms: int | None = None
-    #: OpenLineage run events of this worker (START, then COMPLETE or FAIL)
-    run_events: StageLineage | None = None
-    kafka_client_config: dict[str, Any] | None = None
-
-    def _new_transport(self) -> Any:
-        return BatchTransport(self.conf.broker_consumer, self)
 
 
 def build_app(settings: Settings, stage_id: str) -> tuple[StageApp, StageBinding]:

@@ -36,7 +36,7 @@ from pipeline.runtime.tables import named_global_table, named_table
 from pipeline.settings import Settings
 
 if TYPE_CHECKING:
-    from pipeline.runtime.app import StageApp
+    from pipeline.runtime.stage_app import StageApp
 
 log = logging.getLogger("pipeline.binding")
 

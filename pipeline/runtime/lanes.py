@@ -9,7 +9,7 @@ from pipeline.obs import metrics
 from pipeline.settings import RunnerSettings
 
 if TYPE_CHECKING:
-    from pipeline.runtime.app import StageApp
+    from pipeline.runtime.stage_app import StageApp
 
 
 class LaneGovernor:

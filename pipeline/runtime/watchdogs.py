@@ -17,7 +17,7 @@ from pipeline.obs.health import HEALTH
 from pipeline.settings import Settings
 
 if TYPE_CHECKING:
-    from pipeline.runtime.app import StageApp
+    from pipeline.runtime.stage_app import StageApp
 
 log = logging.getLogger("pipeline.runtime")
 

@@ -1,0 +1,26 @@
+"""The Faust app class of a stage worker (what the runtime's modules share)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import faust
+
+from pipeline.obs.openlineage import StageLineage
+from pipeline.runtime.transport import BatchTransport
+
+
+class StageApp(faust.App):
+    """A Faust app whose consumer batches the stage's input topics."""
+
+    batch_topics: frozenset[str] = frozenset()
+    #: the dead-letter budget stopped the stage: nothing more is processed or acked
+    halted: bool = False
+    #: how long a Fetch may wait for data (pipeline.transport.BatchConsumerThread)
+    fetch_max_wait_ms: int | None = None
+    #: OpenLineage run events of this worker (START, then COMPLETE or FAIL)
+    run_events: StageLineage | None = None
+    kafka_client_config: dict[str, Any] | None = None
+
+    def _new_transport(self) -> Any:
+        return BatchTransport(self.conf.broker_consumer, self)
