@@ -111,18 +111,27 @@ class StageRunner:
     ) -> tuple[list[Outgoing], list[str]]:
         """Outputs (first copy each), retries, dead letters, then extra lane copies;
         and the topic of each output's first copy (lineage hops name it)."""
-        batch: list[Outgoing] = []
-        topics: list[str] = []
+        outputs = result.outputs
+        now_ms = int(self.clock() * 1000)
+        if not lane_batch and self.default_output and all(o.topic is None for o in outputs):
+            # the common case: every output to the default topic
+            topic = self.default_output
+            batch = [(topic, o.key, o.value, o.headers, o.timestamp_ms) for o in outputs]
+            topics = [topic] * len(batch)
+            batch += retries
+            batch += [self._dead_letter(d, now_ms) for d in result.dead]
+            return batch, topics
+        batch = []
+        topics = []
         extra: list[Outgoing] = []
         default = self._targets(None, lane_batch) if self.default_output else ()
-        for o in result.outputs:
+        for o in outputs:
             targets = default if o.topic is None else self._targets(o.topic, lane_batch)
             batch.append((targets[0], o.key, o.value, o.headers, o.timestamp_ms))
             topics.append(targets[0])
             for more in targets[1:]:
                 extra.append((more, o.key, o.value, o.headers, o.timestamp_ms))
         batch += retries
-        now_ms = int(self.clock() * 1000)
         batch += [self._dead_letter(d, now_ms) for d in result.dead]
         batch += extra
         return batch, topics
@@ -207,8 +216,11 @@ class StageRunner:
         topics: list[str],
     ) -> BatchReport:
         produced: dict[str, int] = {}
-        for topic in topics:
-            produced[topic] = produced.get(topic, 0) + 1
+        if topics and topics[0] == topics[-1] and topics.count(topics[0]) == len(topics):
+            produced[topics[0]] = len(topics)
+        else:
+            for topic in topics:
+                produced[topic] = produced.get(topic, 0) + 1
         dead: dict[str, int] = {}
         for letter in result.dead:
             dead[letter.reason] = dead.get(letter.reason, 0) + 1

@@ -66,11 +66,13 @@ class LaneState:
         "_deleted",
         "_dirty",
         "_journal",
+        "_journaling",
         "_last_set",
         "_watermark",
         "_wm_dirty",
         "cache",
         "lane",
+        "next_due",
         "partition",
     )
 
@@ -78,13 +80,18 @@ class LaneState:
         self.partition = partition
         self.lane = lane
         self.cache: dict[str, Any] = {}
+        #: the watermark at which the stage's on_watermark next has work (the stage may
+        #: keep it; 0: every time the watermark moves)
+        self.next_due = 0
         self._data: dict[Any, Any] = {}
         self._watermark: int | None = None
         self._wm_dirty = False
         self._dirty: dict[Any, None] = {}
         self._deleted: dict[Any, None] = {}
         self._last_set: dict[Any, Any] = {}
-        self._journal: list[tuple[Any, Any, bool, bool, Any]] | None = None
+        #: what the record being processed changed (while ``_journaling``)
+        self._journal: list[tuple[Any, Any, bool, bool, Any]] = []
+        self._journaling = False
 
     # -- what the stage sees -----------------------------------------------------
     @property
@@ -111,7 +118,9 @@ class LaneState:
         return iter(list(self._data))
 
     def set(self, key: Any, value: Any) -> None:
-        if self._journal is not None:
+        if self._journaling and (
+            self._data.get(key, _MISSING) is not value or key not in self._dirty
+        ):
             self._note(key)
         self._data[key] = value
         self._dirty[key] = None
@@ -122,7 +131,7 @@ class LaneState:
     def delete(self, key: Any) -> None:
         if key not in self._data:
             return
-        if self._journal is not None:
+        if self._journaling:
             self._note(key)
         if key in self._dirty:
             self._last_set[key] = self._data[key]
@@ -132,7 +141,6 @@ class LaneState:
 
     # -- the engine's side ----------------------------------------------------------
     def _note(self, key: Any) -> None:
-        assert self._journal is not None
         self._journal.append(
             (
                 key,
@@ -145,16 +153,19 @@ class LaneState:
 
     def begin(self) -> None:
         """Start recording what one record changes (see :meth:`rollback`)."""
-        self._journal = []
+        self._journaling = True
 
     def commit(self) -> None:
-        self._journal = None
+        self._journaling = False
+        if self._journal:
+            self._journal.clear()
 
     def rollback(self) -> None:
         """Undo the sets and deletes since :meth:`begin` (not in-place changes of a
         value: a stage that can fail after changing a value should change a copy)."""
-        journal, self._journal = self._journal, None
-        for key, value, dirty, deleted, last in reversed(journal or ()):
+        self._journaling = False
+        journal, self._journal = self._journal, []
+        for key, value, dirty, deleted, last in reversed(journal):
             if value is _MISSING:
                 self._data.pop(key, None)
             else:
