@@ -98,11 +98,9 @@ class State(Protocol):
     #: the watermark at which ``on_watermark`` next has work: a stage that knows may
     #: set it, and the engine calls the hook only from there (0, the default: always)
     next_due: int
-
-    @property
-    def watermark(self) -> int | None: ...
-
-    def get(self, key: Any, default: Any = None) -> Any: ...
+    #: the highest event time seen in this lane (the engine moves it; read only)
+    watermark: int | None
+    get: Callable[..., Any]
 
     def __contains__(self, key: Any) -> bool: ...
 

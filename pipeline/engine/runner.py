@@ -28,6 +28,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Any, Protocol
 
 from dlq.budget import Budget
@@ -59,6 +60,9 @@ class BatchReport:
     produced: dict[str, int] = field(default_factory=dict)
     #: dead letters per reason
     dead_by_reason: dict[str, int] = field(default_factory=dict)
+
+
+_TOPIC = attrgetter("topic")
 
 
 def _noop(name: str) -> None:
@@ -113,7 +117,7 @@ class StageRunner:
         and the topic of each output's first copy (lineage hops name it)."""
         outputs = result.outputs
         now_ms = int(self.clock() * 1000)
-        if not lane_batch and self.default_output and all(o.topic is None for o in outputs):
+        if not lane_batch and self.default_output and not any(map(_TOPIC, outputs)):
             # the common case: every output to the default topic
             topic = self.default_output
             batch = [(topic, o.key, o.value, o.headers, o.timestamp_ms) for o in outputs]
@@ -155,7 +159,10 @@ class StageRunner:
         if self.spans is not None:
             self.spans(records, result, start_ns)
         retries = route_retries(self.spec.retry, result, int(self.clock() * 1000))
-        self.budget.check(self._outcomes(records, result))
+        if result.rejected_offsets:
+            self.budget.check(self._outcomes(records, result))
+        else:
+            self.budget.check_clean(len(records))
         lane_batch = self.lane is not None and bool(records) and records[0].topic == self.lane
         batch, topics = self._outgoing(result, retries, lane_batch)
         delivered = await self.producer.send_batch(batch)

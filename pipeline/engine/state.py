@@ -68,12 +68,13 @@ class LaneState:
         "_journal",
         "_journaling",
         "_last_set",
-        "_watermark",
         "_wm_dirty",
         "cache",
+        "get",
         "lane",
         "next_due",
         "partition",
+        "watermark",
     )
 
     def __init__(self, partition: int, lane: str = LIVE) -> None:
@@ -84,7 +85,11 @@ class LaneState:
         #: keep it; 0: every time the watermark moves)
         self.next_due = 0
         self._data: dict[Any, Any] = {}
-        self._watermark: int | None = None
+        #: the highest event time seen in this lane (or advanced to while idle); the
+        #: engine moves it, stages read it
+        self.watermark: int | None = None
+        #: ``get(key, default=None)``: the dict's own (a worker calls it per record)
+        self.get = self._data.get
         self._wm_dirty = False
         self._dirty: dict[Any, None] = {}
         self._deleted: dict[Any, None] = {}
@@ -94,14 +99,6 @@ class LaneState:
         self._journaling = False
 
     # -- what the stage sees -----------------------------------------------------
-    @property
-    def watermark(self) -> int | None:
-        """The highest event time seen in this lane (or advanced to while idle)."""
-        return self._watermark
-
-    def get(self, key: Any, default: Any = None) -> Any:
-        return self._data.get(key, default)
-
     def __getitem__(self, key: Any) -> Any:
         return self._data[key]
 
@@ -184,14 +181,14 @@ class LaneState:
                 self._last_set[key] = last
 
     def advance(self, watermark: int) -> None:
-        self._watermark = watermark
+        self.watermark = watermark
         self._wm_dirty = True
 
     def load_value(self, key: Any, value: Any) -> None:
         self._data[key] = value
 
     def load_watermark(self, watermark: int | None) -> None:
-        self._watermark = watermark
+        self.watermark = watermark
 
     def flush(self, codec: Codec, out: list[Write]) -> None:
         """Append this lane's changes to ``out`` in the crash-safe order; forget them."""
@@ -204,7 +201,7 @@ class LaneState:
             out.append((state_key(partition, lane, key), encode(value)))
         if self._wm_dirty:
             out.append(
-                (watermark_key(partition, lane), orjson.dumps({"watermark": self._watermark}))
+                (watermark_key(partition, lane), orjson.dumps({"watermark": self.watermark}))
             )
         for key in self._deleted:
             out.append((state_key(partition, lane, key), None))

@@ -189,9 +189,9 @@ class StatefulEngine(Engine):
             elif not outs:
                 result.dropped.append(record)
         if ts is not None:
-            watermark = state._watermark
+            watermark = state.watermark
             if watermark is None or ts > watermark:
-                state._watermark, state._wm_dirty = ts, True
+                state.watermark, state._wm_dirty = ts, True
                 on_watermark = self._on_watermark
                 if on_watermark is not None and ts >= state.next_due:
                     emitted = on_watermark(state, ts)

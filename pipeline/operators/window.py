@@ -53,6 +53,7 @@ from pipeline.stage import END_OF_TIME, StageContext, StageDef, State, stage
 SCHEMA_VIOLATION = "schema_violation"
 BUILTIN = ("count", "sum", "min", "max", "mean", "first", "last")
 _STATE_REF = contract.H_STATE_REF
+_LINEAGE = contract.H_LINEAGE
 
 
 @dataclass(frozen=True)
@@ -191,35 +192,31 @@ class WindowedAggregate:
         self._parsed: tuple[Record, dict[str, Any], tuple[Any, ...], int, float] | None = None
 
     # -- reading a record ------------------------------------------------------------
-    def _parse(self, record: Record) -> tuple[dict[str, Any], tuple[Any, ...], int, float]:
-        parsed = self._parsed
-        if parsed is not None and parsed[0] is record:
-            return parsed[1], parsed[2], parsed[3], parsed[4]
+    def event_time(self, record: Record) -> int:
+        """The record's event time; the parsed record is kept for :meth:`process`."""
         cfg = self.config
         try:
             doc = orjson.loads(record.value or b"")
             key = self._key_of(doc)
             ts = int(doc[cfg.time])
             value = float(doc[cfg.value])
+            hash(key)
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
             raise InvalidMessage(
                 SCHEMA_VIOLATION,
-                f"not a record with key {list(self.key_fields)}, time {cfg.time!r} and "
-                f"value {cfg.value!r}",
+                f"not a record with key {list(self.key_fields)} (scalars), time "
+                f"{cfg.time!r} and value {cfg.value!r}",
             ) from None
-        try:
-            hash(key)
-        except TypeError:
-            raise InvalidMessage(SCHEMA_VIOLATION, "a key field is an object or a list") from None
         self._parsed = (record, doc, key, ts, value)
-        return doc, key, ts, value
+        return ts
 
-    def event_time(self, record: Record) -> int:
-        """The record's event time; the parsed record is kept for :meth:`process`."""
+    def _parse(self, record: Record) -> tuple[dict[str, Any], tuple[Any, ...], int, float]:
         parsed = self._parsed
-        if parsed is not None and parsed[0] is record:
-            return parsed[3]
-        return self._parse(record)[2]
+        if parsed is None or parsed[0] is not record:
+            self.event_time(record)
+            parsed = self._parsed
+            assert parsed is not None
+        return parsed[1], parsed[2], parsed[3], parsed[4]
 
     def _lateness(self, state: State) -> int:
         return self.backfill_lateness_ms if state.lane else self.lateness_ms
@@ -244,13 +241,17 @@ class WindowedAggregate:
     def _process_tumbling(self, record: Record, state: State) -> None:
         """:meth:`_process` for one window per record and no reducers."""
         parsed = self._parsed
-        if parsed is not None and parsed[0] is record:
+        if parsed is not None and parsed[0] is record:  # event_time() read it just now
             _, doc, key, ts, value = parsed
         else:
             doc, key, ts, value = self._parse(record)
-        lineage = record.lineage_id or contract.entry_lineage_id(
-            record.timestamp_ms, record.topic, record.partition, record.offset
-        )
+        headers = record.headers
+        if headers and headers[0][0] == _LINEAGE:  # where the engine and ingest put it
+            lineage = headers[0][1].decode("ascii", "replace")
+        else:
+            lineage = record.lineage_id or contract.entry_lineage_id(
+                record.timestamp_ms, record.topic, record.partition, record.offset
+            )
         size = self.size_ms
         start = ts - ts % size
         wkey = (*key, start)
@@ -275,7 +276,12 @@ class WindowedAggregate:
                 state.next_due = close_at
         window.add(ts, value, lineage)
         state.set(wkey, window)
-        self.ctx.counted([*key, start], lineage)
+        # ctx.counted(wkey, lineage), without the call (once per record)
+        ctx = self.ctx
+        if ctx._counted is None:
+            ctx._counted, ctx._lineage_id = [wkey], lineage
+        else:
+            ctx.counted(wkey, lineage)
 
     def _process(self, record: Record, state: State) -> None:
         parsed = self._parsed
@@ -319,7 +325,7 @@ class WindowedAggregate:
             for name, reducer in self.reducers.items():
                 window.custom[name] = reducer.add(window.custom[name], value, doc)
             state.set(wkey, window)
-            self.ctx.counted([*key, start], lineage)
+            self.ctx.counted(wkey, lineage)
 
     def on_watermark(self, state: State, watermark: int) -> list[Emit] | None:
         closing, evicting = state.cache["closing"], state.cache["evicting"]
