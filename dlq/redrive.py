@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from confluent_kafka import (
@@ -18,6 +18,7 @@ from confluent_kafka import (
 )
 
 from dlq import envelope
+from dlq.original import OriginalGone, original_value
 from dlq.read import Filters, Header, StoredDeadLetter, iter_dead_letters, topic_partitions
 from dlq.retry import PREFIX as RETRY_PREFIX
 from pipeline.errors import BrokerError, PipelineError
@@ -59,6 +60,8 @@ class ReplayReport:
     refused: dict[str, int]  # by reason: replay-count already at --max-replays
     sent_refs: tuple[str, ...]
     refused_refs: tuple[str, ...]
+    #: truncated dead letters whose original is gone: ref -> why (never replayed)
+    gone: dict[str, str] = field(default_factory=dict)
 
     @property
     def sent_total(self) -> int:
@@ -80,6 +83,7 @@ class ReplayReport:
             "refused_total": self.refused_total,
             "sent_refs": list(self.sent_refs),
             "refused_refs": list(self.refused_refs),
+            "gone": self.gone,
         }
 
 
@@ -111,8 +115,11 @@ def replay(
     """Send a stage's matching dead letters back to its input topic.
 
     Dead letters whose replay-count is already ``max_replays`` or more are refused.
-    Returns once the broker acknowledged every record sent; raises BrokerError or
-    PipelineError if any was not (some may have been written: see the message).
+    A truncated dead letter is replayed with its whole original value, read back
+    from its source topic (:mod:`dlq.original`), never with its prefix; one whose
+    original is gone is left out and reported in ``gone``. Returns once the broker
+    acknowledged every record sent; raises BrokerError or PipelineError if any was
+    not (some may have been written: see the message).
     """
     target = settings.stage(stage).inputs[0]
     topic_partitions(admin(settings), target)  # fail fast (BrokerError) if it does not exist
@@ -125,6 +132,14 @@ def replay(
             (refused if letter.replay_count >= max_replays else to_send).append(letter)
     finally:
         letters.close()
+    gone: dict[str, str] = {}
+    values: dict[str, bytes | None] = {}
+    for letter in to_send:
+        try:
+            values[letter.ref] = original_value(settings, letter)
+        except OriginalGone as exc:
+            gone[letter.ref] = str(exc)
+    to_send = [d for d in to_send if d.ref not in gone]
     report = ReplayReport(
         stage=stage,
         target_topic=target,
@@ -134,10 +149,11 @@ def replay(
         refused=dict(Counter(d.reason for d in refused)),
         sent_refs=tuple(d.ref for d in to_send),
         refused_refs=tuple(d.ref for d in refused),
+        gone=gone,
     )
     if dry_run or not to_send:
         return report
-    _send(settings, target, to_send, Pacer(rate), flush_timeout)
+    _send(settings, target, to_send, Pacer(rate), flush_timeout, values)
     return report
 
 
@@ -147,6 +163,7 @@ def _send(
     letters: Sequence[StoredDeadLetter],
     pacer: Pacer,
     flush_timeout: float,
+    values: dict[str, bytes | None],
 ) -> None:
     client = producer(settings)
     errors: list[str] = []
@@ -163,7 +180,7 @@ def _send(
             kwargs["timestamp"] = ts
         while True:
             try:
-                client.produce(topic, letter.value, letter.key, **kwargs)
+                client.produce(topic, values.get(letter.ref, letter.value), letter.key, **kwargs)
                 break
             except BufferError:
                 client.poll(0.05)
