@@ -52,6 +52,9 @@ class Record:
     @property
     def lineage_id(self) -> str | None:
         """The ``lineage-id`` header (a ULID), assigned where the record entered."""
+        headers = self.headers
+        if headers and headers[0][0] == H_LINEAGE:  # where the engine and ingest put it
+            return headers[0][1].decode("ascii", "replace")
         raw = self.header(H_LINEAGE)
         return raw.decode("ascii", "replace") if raw else None
 
@@ -115,6 +118,8 @@ class OutRecord:
     source_offset: int | None = None
     #: one of the stage's outputs; None: its default output
     topic: str | None = None
+    #: a fan-out's child: the lineage id of the input it was split from
+    parent: bytes | None = None
 
 
 def to_bytes(value: Any) -> bytes | None:

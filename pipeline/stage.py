@@ -95,11 +95,12 @@ class State(Protocol):
     partition: int
     lane: str
     cache: dict[str, Any]
-
-    @property
-    def watermark(self) -> int | None: ...
-
-    def get(self, key: Any, default: Any = None) -> Any: ...
+    #: the watermark at which ``on_watermark`` next has work: a stage that knows may
+    #: set it, and the engine calls the hook only from there (0, the default: always)
+    next_due: int
+    #: the highest event time seen in this lane (the engine moves it; read only)
+    watermark: int | None
+    get: Callable[..., Any]
 
     def __contains__(self, key: Any) -> bool: ...
 
@@ -199,6 +200,7 @@ class StageContext:
         # per-record marks of the record being processed (reset by the engine)
         self._duplicate = False
         self._counted: list[Any] | None = None
+        self._lineage_id: str | None = None
 
     def now_ms(self) -> int:
         return int(self.clock() * 1000)
@@ -219,13 +221,16 @@ class StageContext:
         """The record being processed repeats one already handled (not a dead letter)."""
         self._duplicate = True
 
-    def counted(self, ref: Any) -> None:
+    def counted(self, ref: Any, lineage_id: str | None = None) -> None:
         """A stateful stage absorbed the record being processed into ``ref`` (e.g. a
-        window); lineage records it so the record can be traced into its result."""
+        window); lineage records it so the record can be traced into its result.
+        ``lineage_id``: the record's, if the stage has it at hand (saves a look-up)."""
         if self._counted is None:
             self._counted = [ref]
         else:
             self._counted.append(ref)
+        if lineage_id is not None:
+            self._lineage_id = lineage_id
 
 
 @dataclass(frozen=True)

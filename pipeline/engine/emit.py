@@ -148,6 +148,7 @@ class Emitter:
             parent = next((v for k, v in out.headers if k == _LINEAGE), b"").decode()
             child = derived_lineage_id(parent, i)
             _replace(out.headers, [(_LINEAGE, child.encode()), (_PARENT, parent.encode())])
+            out.parent = parent.encode()
 
     def from_state(self, lane: str, emits: list[Emit], now_ms: int) -> list[OutRecord]:
         """Outputs made from state (no input record): a new trace each."""

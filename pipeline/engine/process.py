@@ -15,17 +15,14 @@ without committing.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from functools import partial
+from collections.abc import Sequence
 from typing import Any
 
 from pipeline.engine.emit import Emitter, emits_of
 from pipeline.engine.result import BatchResult
 from pipeline.errors import ConfigError, InvalidMessage, RetryableError
-from pipeline.records import OutRecord, Record
+from pipeline.records import Record
 from pipeline.stage import StageContext, StageDef
-
-_FAILED: Any = object()
 
 
 class Engine:
@@ -53,24 +50,19 @@ class Engine:
     def new_result(self) -> BatchResult:
         return BatchResult(self.stage_id, self.declared, self.emitter)
 
-    def attempt(self, record: Record, result: BatchResult, call: Callable[[], Any]) -> Any:
-        """``call()``'s value, or :data:`_FAILED` once its failure is accounted for in
-        ``result``: a dead letter (bad input, or a bug with ``on_error:
-        dead_letter``) or a retry. A bug with ``on_error: crash``, and a ConfigError
-        (a declaration problem, not this record's), are raised."""
-        try:
-            return call()
-        except ConfigError:
-            raise
-        except InvalidMessage as exc:
+    def failed(self, record: Record, result: BatchResult, exc: Exception) -> None:
+        """Account for ``record``'s failure in ``result``: a dead letter (bad input, or
+        a bug with ``on_error: dead_letter``) or a retry. Call it from an ``except``
+        block: a bug with ``on_error: crash``, and a ConfigError (a declaration
+        problem, not this record's), are raised again."""
+        if isinstance(exc, InvalidMessage):
             result.reject(record, exc)
-        except RetryableError as exc:
+        elif isinstance(exc, RetryableError):
             result.retry(record, exc)
-        except Exception as exc:
-            if self.crash:
-                raise
+        elif self.crash or isinstance(exc, ConfigError):
+            raise exc
+        else:
             result.bug(record, exc)
-        return _FAILED
 
 
 class StatelessEngine(Engine):
@@ -84,10 +76,14 @@ class StatelessEngine(Engine):
     def _per_record(self, records: Sequence[Record]) -> BatchResult:
         result = self.new_result()
         ctx, outputs = self.ctx, result.outputs
+        process, emitter = self.processor.process, self.emitter
         for record in records:
             ctx._duplicate = False
-            outs = self.attempt(record, result, partial(self._outputs_of, record))
-            if outs is _FAILED:
+            try:
+                emits = emits_of(process(record))
+                outs = emitter.from_record(record, emits) if emits else None
+            except Exception as exc:
+                self.failed(record, result, exc)
                 continue
             if ctx._duplicate:
                 result.duplicates += 1
@@ -96,9 +92,6 @@ class StatelessEngine(Engine):
             else:
                 result.dropped.append(record)
         return result
-
-    def _outputs_of(self, record: Record) -> list[OutRecord]:
-        return self.emitter.from_record(record, emits_of(self.processor.process(record)))
 
     def _batch(self, records: Sequence[Record]) -> BatchResult:
         result = self.new_result()
@@ -117,8 +110,10 @@ class StatelessEngine(Engine):
         result = self.new_result()
         for record in records:
             alone = self.new_result()
-            alone_batch = partial(self.processor.process_batch, [record], alone)
-            if self.attempt(record, result, alone_batch) is _FAILED:
+            try:
+                self.processor.process_batch([record], alone)
+            except Exception as exc:
+                self.failed(record, result, exc)
                 continue
             result.outputs.extend(alone.outputs)
             result.dead.extend(alone.dead)

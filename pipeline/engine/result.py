@@ -42,6 +42,7 @@ class BatchResult:
     """Outputs, dead letters, retries and state writes of one batch, in order."""
 
     __slots__ = (
+        "append",
         "counted",
         "dead",
         "declared",
@@ -63,6 +64,9 @@ class BatchResult:
         self.declared = declared
         self.emitter = emitter
         self.outputs: list[OutRecord] = []
+        #: ``append(out)``: write ``out`` as it is (the stage built its headers); the
+        #: list's own method, as a batch stage calls it once per record
+        self.append = self.outputs.append
         self.dead: list[DeadLetter] = []
         self.duplicates = 0
         #: records the stage wrote nothing for (filtered out)
@@ -104,9 +108,6 @@ class BatchResult:
                 emitter.topic_of(topic) if topic is not None else None,
             )
         )
-
-    def append(self, out: OutRecord) -> None:
-        self.outputs.append(out)
 
     def dead_letter(self, source: Record, exc: InvalidMessage) -> None:
         self.reject(source, exc)

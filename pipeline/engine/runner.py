@@ -29,6 +29,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Any, Protocol
 
 from dlq.budget import Budget
@@ -65,6 +66,7 @@ class BatchReport:
 
 
 log = logging.getLogger("pipeline.engine")
+_TOPIC = attrgetter("topic")
 
 
 def _noop(name: str) -> None:
@@ -124,18 +126,27 @@ class StageRunner:
     ) -> tuple[list[Outgoing], list[str]]:
         """Outputs (first copy each), retries, dead letters, then extra lane copies;
         and the topic of each output's first copy (lineage hops name it)."""
-        batch: list[Outgoing] = []
-        topics: list[str] = []
+        outputs = result.outputs
+        now_ms = int(self.clock() * 1000)
+        if not lane_batch and self.default_output and not any(map(_TOPIC, outputs)):
+            # the common case: every output to the default topic
+            topic = self.default_output
+            batch = [(topic, o.key, o.value, o.headers, o.timestamp_ms) for o in outputs]
+            topics = [topic] * len(batch)
+            batch += retries
+            batch += [self._dead_letter(d, now_ms) for d in result.dead]
+            return batch, topics
+        batch = []
+        topics = []
         extra: list[Outgoing] = []
         default = self._targets(None, lane_batch) if self.default_output else ()
-        for o in result.outputs:
+        for o in outputs:
             targets = default if o.topic is None else self._targets(o.topic, lane_batch)
             batch.append((targets[0], o.key, o.value, o.headers, o.timestamp_ms))
             topics.append(targets[0])
             for more in targets[1:]:
                 extra.append((more, o.key, o.value, o.headers, o.timestamp_ms))
         batch += retries
-        now_ms = int(self.clock() * 1000)
         batch += [self._dead_letter(d, now_ms) for d in result.dead]
         batch += extra
         return batch, topics
@@ -184,7 +195,7 @@ class StageRunner:
             elif source is None:
                 made.append(_from_output(self.stage_id, out, why, self.default_output or ""))
                 result.dead.append(made[-1])
-        result.outputs = [o for i, o in enumerate(result.outputs) if i not in refused]
+        result.outputs[:] = [o for i, o in enumerate(result.outputs) if i not in refused]
         return made
 
     # -- a batch ---------------------------------------------------------------------------
@@ -200,7 +211,10 @@ class StageRunner:
         retries = route_retries(self.spec.retry, result, int(self.clock() * 1000), retry_limit)
         lane_batch = self.lane is not None and bool(records) and records[0].topic == self.lane
         self._too_large(records, result, lane_batch)
-        self.budget.check(self._outcomes(records, result))
+        if result.rejected_offsets:
+            self.budget.check(self._outcomes(records, result))
+        else:
+            self.budget.check_clean(len(records))
         batch, topics = self._outgoing(result, retries, lane_batch)
         try:
             delivered = await self.producer.send_batch(batch)
@@ -333,8 +347,11 @@ class StageRunner:
         topics: list[str],
     ) -> BatchReport:
         produced: dict[str, int] = {}
-        for topic in topics:
-            produced[topic] = produced.get(topic, 0) + 1
+        if topics and topics[0] == topics[-1] and topics.count(topics[0]) == len(topics):
+            produced[topics[0]] = len(topics)
+        else:
+            for topic in topics:
+                produced[topic] = produced.get(topic, 0) + 1
         dead: dict[str, int] = {}
         for letter in result.dead:
             dead[letter.reason] = dead.get(letter.reason, 0) + 1

@@ -66,35 +66,39 @@ class LaneState:
         "_deleted",
         "_dirty",
         "_journal",
+        "_journaling",
         "_last_set",
-        "_watermark",
         "_wm_dirty",
         "cache",
+        "get",
         "lane",
+        "next_due",
         "partition",
+        "watermark",
     )
 
     def __init__(self, partition: int, lane: str = LIVE) -> None:
         self.partition = partition
         self.lane = lane
         self.cache: dict[str, Any] = {}
+        #: the watermark at which the stage's on_watermark next has work (the stage may
+        #: keep it; 0: every time the watermark moves)
+        self.next_due = 0
         self._data: dict[Any, Any] = {}
-        self._watermark: int | None = None
+        #: the highest event time seen in this lane (or advanced to while idle); the
+        #: engine moves it, stages read it
+        self.watermark: int | None = None
+        #: ``get(key, default=None)``: the dict's own (a worker calls it per record)
+        self.get = self._data.get
         self._wm_dirty = False
         self._dirty: dict[Any, None] = {}
         self._deleted: dict[Any, None] = {}
         self._last_set: dict[Any, Any] = {}
-        self._journal: list[tuple[Any, Any, bool, bool, Any]] | None = None
+        #: what the record being processed changed (while ``_journaling``)
+        self._journal: list[tuple[Any, Any, bool, bool, Any]] = []
+        self._journaling = False
 
     # -- what the stage sees -----------------------------------------------------
-    @property
-    def watermark(self) -> int | None:
-        """The highest event time seen in this lane (or advanced to while idle)."""
-        return self._watermark
-
-    def get(self, key: Any, default: Any = None) -> Any:
-        return self._data.get(key, default)
-
     def __getitem__(self, key: Any) -> Any:
         return self._data[key]
 
@@ -111,7 +115,9 @@ class LaneState:
         return iter(list(self._data))
 
     def set(self, key: Any, value: Any) -> None:
-        if self._journal is not None:
+        if self._journaling and (
+            self._data.get(key, _MISSING) is not value or key not in self._dirty
+        ):
             self._note(key)
         self._data[key] = value
         self._dirty[key] = None
@@ -122,7 +128,7 @@ class LaneState:
     def delete(self, key: Any) -> None:
         if key not in self._data:
             return
-        if self._journal is not None:
+        if self._journaling:
             self._note(key)
         if key in self._dirty:
             self._last_set[key] = self._data[key]
@@ -132,7 +138,6 @@ class LaneState:
 
     # -- the engine's side ----------------------------------------------------------
     def _note(self, key: Any) -> None:
-        assert self._journal is not None
         self._journal.append(
             (
                 key,
@@ -145,16 +150,19 @@ class LaneState:
 
     def begin(self) -> None:
         """Start recording what one record changes (see :meth:`rollback`)."""
-        self._journal = []
+        self._journaling = True
 
     def commit(self) -> None:
-        self._journal = None
+        self._journaling = False
+        if self._journal:
+            self._journal.clear()
 
     def rollback(self) -> None:
         """Undo the sets and deletes since :meth:`begin` (not in-place changes of a
         value: a stage that can fail after changing a value should change a copy)."""
-        journal, self._journal = self._journal, None
-        for key, value, dirty, deleted, last in reversed(journal or ()):
+        self._journaling = False
+        journal, self._journal = self._journal, []
+        for key, value, dirty, deleted, last in reversed(journal):
             if value is _MISSING:
                 self._data.pop(key, None)
             else:
@@ -173,14 +181,14 @@ class LaneState:
                 self._last_set[key] = last
 
     def advance(self, watermark: int) -> None:
-        self._watermark = watermark
+        self.watermark = watermark
         self._wm_dirty = True
 
     def load_value(self, key: Any, value: Any) -> None:
         self._data[key] = value
 
     def load_watermark(self, watermark: int | None) -> None:
-        self._watermark = watermark
+        self.watermark = watermark
 
     def flush(self, codec: Codec, out: list[Write]) -> None:
         """Append this lane's changes to ``out`` in the crash-safe order; forget them."""
@@ -193,7 +201,7 @@ class LaneState:
             out.append((state_key(partition, lane, key), encode(value)))
         if self._wm_dirty:
             out.append(
-                (watermark_key(partition, lane), orjson.dumps({"watermark": self._watermark}))
+                (watermark_key(partition, lane), orjson.dumps({"watermark": self.watermark}))
             )
         for key in self._deleted:
             out.append((state_key(partition, lane, key), None))

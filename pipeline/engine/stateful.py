@@ -30,7 +30,7 @@ from typing import Any
 from dlq.reasons import LATE
 from pipeline import contract
 from pipeline.engine.emit import Emitter, emits_of
-from pipeline.engine.process import _FAILED, Engine
+from pipeline.engine.process import Engine
 from pipeline.engine.result import BatchResult
 from pipeline.engine.state import LaneState, PartitionStore, ended_key, fence_key, load_partition
 from pipeline.errors import InvalidMessage
@@ -130,7 +130,9 @@ class StatefulEngine(Engine):
                     continue
             else:
                 live_input = True
-            state = store.lane(lane)
+            state = store.lanes.get(lane)
+            if state is None:
+                state = store.lane(lane)
             dirty[lane] = state
             self._one(record, state, result)
         if live_input:
@@ -152,33 +154,49 @@ class StatefulEngine(Engine):
 
     def _one(self, record: Record, state: LaneState, result: BatchResult) -> None:
         ctx = self.ctx
-        ctx._duplicate, ctx._counted = False, None
-        state.begin()
-        done = self.attempt(record, result, lambda: self._run(record, state))
-        if done is _FAILED:
+        ctx._duplicate, ctx._counted, ctx._lineage_id = False, None, None
+        state._journaling = True
+        try:
+            ts = self._event_time(record) if self._event_time is not None else None
+            emits = self.processor.process(record, state)
+            outs = self.emitter.from_record(record, emits_of(emits)) if emits else None
+        except Exception as exc:
             state.rollback()
+            self.failed(record, result, exc)
             return
-        ts, outs = done
-        state.commit()
+        state._journaling = False
+        if state._journal:
+            state._journal.clear()
         if ctx._duplicate:
             result.duplicates += 1
         else:
             if outs:
                 result.outputs.extend(outs)
-            if ctx._counted:
-                lineage = record.lineage_id or contract.entry_lineage_id(
-                    record.timestamp_ms, record.topic, record.partition, record.offset
+            counted = ctx._counted
+            if counted:
+                lineage = (
+                    ctx._lineage_id
+                    or record.lineage_id
+                    or contract.entry_lineage_id(
+                        record.timestamp_ms, record.topic, record.partition, record.offset
+                    )
                 )
-                result.counted.extend((record.offset, lineage, ref) for ref in ctx._counted)
+                offset = record.offset
+                if len(counted) == 1:
+                    result.counted.append((offset, lineage, counted[0]))
+                else:
+                    result.counted.extend((offset, lineage, ref) for ref in counted)
             elif not outs:
                 result.dropped.append(record)
-        if ts is not None and (state.watermark is None or ts > state.watermark):
-            self._advance(state, ts, result)
-
-    def _run(self, record: Record, state: LaneState) -> tuple[int | None, list[Any] | None]:
-        ts = self._event_time(record) if self._event_time is not None else None
-        emits = emits_of(self.processor.process(record, state))
-        return ts, (self.emitter.from_record(record, emits) if emits else None)
+        if ts is not None:
+            watermark = state.watermark
+            if watermark is None or ts > watermark:
+                state.watermark, state._wm_dirty = ts, True
+                on_watermark = self._on_watermark
+                if on_watermark is not None and ts >= state.next_due:
+                    emitted = on_watermark(state, ts)
+                    if emitted:
+                        self._from_state(state, emitted, result)
 
     def _advance(self, state: LaneState, watermark: int, result: BatchResult) -> None:
         state.advance(watermark)
@@ -186,6 +204,8 @@ class StatefulEngine(Engine):
             self._from_state(state, self._on_watermark(state, watermark), result)
 
     def _from_state(self, state: LaneState, value: Any, result: BatchResult) -> None:
+        if not value:
+            return
         emits = emits_of(value)
         if emits:
             outs = self.emitter.from_state(state.lane, emits, int(self.clock() * 1000))

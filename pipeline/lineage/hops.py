@@ -67,7 +67,6 @@ FORMAT = 2
 MAX_HOPS = 2000
 
 _H_LINEAGE = contract.H_LINEAGE
-_H_PARENT = contract.H_LINEAGE_PARENT
 
 
 def _lineage(headers: Sequence[tuple[str, bytes | None]]) -> bytes | None:
@@ -126,7 +125,7 @@ def batch_hops(
             if picked is None:
                 picked = list(range(index))
             continue
-        parent = _parent(record.headers)
+        parent = record.parent
         if parent is not None:
             if parents is None:
                 parents = [""] * len(ids)
@@ -223,13 +222,6 @@ def batch_hops(
         (topic, key, orjson.dumps({**head, "groups": chunk}), [], None)
         for chunk in _chunks([(group, size) for _, group, size in groups])
     ]
-
-
-def _parent(headers: Sequence[tuple[str, bytes | None]]) -> bytes | None:
-    for name, value in headers:
-        if name == _H_PARENT:
-            return value
-    return None
 
 
 _COLUMNS = ("in_offsets", "in", "partitions", "offsets", "reasons", "windows", "outs", "parents")

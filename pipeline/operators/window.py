@@ -38,6 +38,7 @@ from __future__ import annotations
 import heapq
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Any, cast
 
 import orjson
@@ -47,11 +48,12 @@ from dlq.reasons import LATE
 from pipeline import contract
 from pipeline.errors import InvalidMessage
 from pipeline.records import Emit, Record
-from pipeline.stage import StageContext, StageDef, State, stage
+from pipeline.stage import END_OF_TIME, StageContext, StageDef, State, stage
 
 SCHEMA_VIOLATION = "schema_violation"
 BUILTIN = ("count", "sum", "min", "max", "mean", "first", "last")
 _STATE_REF = contract.H_STATE_REF
+_LINEAGE = contract.H_LINEAGE
 
 
 @dataclass(frozen=True)
@@ -168,6 +170,16 @@ class WindowedAggregate:
         self.reducers = dict(reducers or {})
         self.size_ms = config.window_s * 1000
         self.hop_ms = (config.hop_s or config.window_s) * 1000
+        self.tumbling = self.hop_ms == self.size_ms
+        fields = tuple(config.key)
+        getter = itemgetter(*fields)
+        self._key_of: Callable[[dict[str, Any]], tuple[Any, ...]] = (
+            getter if len(fields) > 1 else (lambda doc: (getter(doc),))
+        )
+        #: tumbling windows without reducers take :meth:`_process_tumbling`, a tight
+        #: twin of :meth:`process` (which stays the reference: tests compare the two)
+        self.fast = self.tumbling and not self.reducers
+        self.process = self._process_tumbling if self.fast else self._process  # type: ignore[method-assign]
         retention = config.closed_retention_s
         self.retention_ms = self.size_ms if retention is None else retention * 1000
         self.lateness_ms = config.allowed_lateness_s * 1000
@@ -180,35 +192,39 @@ class WindowedAggregate:
         self._parsed: tuple[Record, dict[str, Any], tuple[Any, ...], int, float] | None = None
 
     # -- reading a record ------------------------------------------------------------
-    def _parse(self, record: Record) -> tuple[dict[str, Any], tuple[Any, ...], int, float]:
-        parsed = self._parsed
-        if parsed is not None and parsed[0] is record:
-            return parsed[1], parsed[2], parsed[3], parsed[4]
+    def event_time(self, record: Record) -> int:
+        """The record's event time; the parsed record is kept for :meth:`process`."""
         cfg = self.config
         try:
             doc = orjson.loads(record.value or b"")
-            key = tuple(doc[f] for f in self.key_fields)
+            key = self._key_of(doc)
             ts = int(doc[cfg.time])
             value = float(doc[cfg.value])
+            hash(key)
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
             raise InvalidMessage(
                 SCHEMA_VIOLATION,
-                f"not a record with key {list(self.key_fields)}, time {cfg.time!r} and "
-                f"value {cfg.value!r}",
+                f"not a record with key {list(self.key_fields)} (scalars), time "
+                f"{cfg.time!r} and value {cfg.value!r}",
             ) from None
-        if any(isinstance(k, dict | list) for k in key):
-            raise InvalidMessage(SCHEMA_VIOLATION, "a key field is an object or a list")
         self._parsed = (record, doc, key, ts, value)
-        return doc, key, ts, value
+        return ts
 
-    def event_time(self, record: Record) -> int:
-        return self._parse(record)[2]
+    def _parse(self, record: Record) -> tuple[dict[str, Any], tuple[Any, ...], int, float]:
+        parsed = self._parsed
+        if parsed is None or parsed[0] is not record:
+            self.event_time(record)
+            parsed = self._parsed
+            assert parsed is not None
+        return parsed[1], parsed[2], parsed[3], parsed[4]
 
     def _lateness(self, state: State) -> int:
         return self.backfill_lateness_ms if state.lane else self.lateness_ms
 
     def _starts(self, ts: int) -> list[int]:
         hop, size = self.hop_ms, self.size_ms
+        if hop == size:  # tumbling: one window
+            return [ts - ts % size]
         start = ts - ts % hop
         starts = []
         while start > ts - size:
@@ -219,19 +235,74 @@ class WindowedAggregate:
 
     # -- the stateful hooks ---------------------------------------------------------------
     def process(self, record: Record, state: State) -> None:
-        doc, key, ts, value = self._parse(record)
+        # replaced per instance by _process_tumbling or _process (see __init__)
+        self._process(record, state)
+
+    def _process_tumbling(self, record: Record, state: State) -> None:
+        """:meth:`_process` for one window per record and no reducers."""
+        parsed = self._parsed
+        if parsed is not None and parsed[0] is record:  # event_time() read it just now
+            _, doc, key, ts, value = parsed
+        else:
+            doc, key, ts, value = self._parse(record)
+        headers = record.headers
+        if headers and headers[0][0] == _LINEAGE:  # where the engine and ingest put it
+            lineage = headers[0][1].decode("ascii", "replace")
+        else:
+            lineage = record.lineage_id or contract.entry_lineage_id(
+                record.timestamp_ms, record.topic, record.partition, record.offset
+            )
+        size = self.size_ms
+        start = ts - ts % size
+        wkey = (*key, start)
+        window = state.get(wkey)
+        if window is not None and lineage in window.ids:
+            self.ctx.duplicate()
+            return
+        lateness = self.backfill_lateness_ms if state.lane else self.lateness_ms
+        watermark = state.watermark
+        if watermark is not None and start + size + lateness <= watermark:
+            raise InvalidMessage(
+                LATE,
+                f"record at {ts} is for window [{start}, {start + size}) "
+                f"already closed at watermark {watermark}",
+            )
+        if window is None:
+            carry = {f: doc.get(f, "") for f in self.config.carry}
+            window = Window(key, carry, start, start + size)
+            close_at = window.end + lateness
+            heapq.heappush(state.cache["closing"], (close_at, wkey))
+            if close_at < state.next_due:
+                state.next_due = close_at
+        window.add(ts, value, lineage)
+        state.set(wkey, window)
+        # ctx.counted(wkey, lineage), without the call (once per record)
+        ctx = self.ctx
+        if ctx._counted is None:
+            ctx._counted, ctx._lineage_id = [wkey], lineage
+        else:
+            ctx.counted(wkey, lineage)
+
+    def _process(self, record: Record, state: State) -> None:
+        parsed = self._parsed
+        if parsed is not None and parsed[0] is record:  # event_time() read it just now
+            _, doc, key, ts, value = parsed
+        else:
+            doc, key, ts, value = self._parse(record)
         lineage = record.lineage_id or contract.entry_lineage_id(
             record.timestamp_ms, record.topic, record.partition, record.offset
         )
-        watermark, lateness = state.watermark, self._lateness(state)
-        starts = self._starts(ts)
+        watermark = state.watermark
+        lateness = self.backfill_lateness_ms if state.lane else self.lateness_ms
+        starts = [ts - ts % self.size_ms] if self.tumbling else self._starts(ts)
         first = state.get((*key, starts[0]))
         if first is not None and lineage in first.ids:
             self.ctx.duplicate()
             return
-        open_starts = [
-            s for s in starts if watermark is None or s + self.size_ms + lateness > watermark
-        ]
+        if watermark is None:
+            open_starts = starts
+        else:
+            open_starts = [s for s in starts if s + self.size_ms + lateness > watermark]
         if not open_starts:
             raise InvalidMessage(
                 LATE,
@@ -247,17 +318,22 @@ class WindowedAggregate:
                 window = Window(key, carry, start, start + self.size_ms)
                 window.custom = {name: r.init() for name, r in self.reducers.items()}
                 heapq.heappush(closing, (window.end + lateness, wkey))
+                state.next_due = min(state.next_due, window.end + lateness)
             elif lineage in window.ids:
                 continue
             window.add(ts, value, lineage)
             for name, reducer in self.reducers.items():
                 window.custom[name] = reducer.add(window.custom[name], value, doc)
             state.set(wkey, window)
-            self.ctx.counted([*key, start])
+            self.ctx.counted(wkey, lineage)
 
-    def on_watermark(self, state: State, watermark: int) -> list[Emit]:
-        emits: list[Emit] = []
+    def on_watermark(self, state: State, watermark: int) -> list[Emit] | None:
         closing, evicting = state.cache["closing"], state.cache["evicting"]
+        if (not closing or closing[0][0] > watermark) and (
+            not evicting or evicting[0][0] > watermark
+        ):
+            return None  # nothing closes or is forgotten yet (most records)
+        emits: list[Emit] = []
         lateness = self._lateness(state)
         while closing and closing[0][0] <= watermark:
             _, wkey = heapq.heappop(closing)
@@ -271,7 +347,15 @@ class WindowedAggregate:
         while evicting and evicting[0][0] <= watermark:
             _, wkey = heapq.heappop(evicting)
             state.delete(wkey)
+        self._due(state)
         return emits
+
+    @staticmethod
+    def _due(state: State) -> None:
+        """Tell the engine the watermark at which :meth:`on_watermark` next has work."""
+        closing, evicting = state.cache["closing"], state.cache["evicting"]
+        due = [h[0][0] for h in (closing, evicting) if h]
+        state.next_due = min(due) if due else END_OF_TIME + 1
 
     def next_deadline(self, state: State) -> int | None:
         closing, evicting = state.cache["closing"], state.cache["evicting"]
@@ -290,6 +374,7 @@ class WindowedAggregate:
         heapq.heapify(closing)
         heapq.heapify(evicting)
         state.cache["closing"], state.cache["evicting"] = closing, evicting
+        self._due(state)
 
     # -- a window's result ---------------------------------------------------------------------
     def result(self, window: Window) -> dict[str, Any]:

@@ -83,7 +83,9 @@ def test_a_record_the_broker_refuses_for_good_becomes_a_dead_letter_and_the_rest
 def test_a_dead_letter_the_dlq_refuses_is_sent_again_smaller():
     producer = MemoryProducer(
         refuse=lambda topic, key, value: (
-            "Broker: Message size too large" if topic == "dlq" and len(value or b"") > 5000 else None
+            "Broker: Message size too large"
+            if topic == "dlq" and len(value or b"") > 5000
+            else None
         )
     )
     harness = StageHarness(reject_big, producer=producer)

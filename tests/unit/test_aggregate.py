@@ -276,3 +276,21 @@ def test_a_batch_re_delivered_after_its_windows_were_forgotten_is_skipped_not_la
     assert again.duplicates == 4 and not again.dead and not again.outputs
     new = dataclasses.replace(r(20 * W + 1, 5.0, "E"), offset=later[-1].offset + 1)
     assert restarted.process(0, [new]).duplicates == 0
+
+
+@pytest.mark.parametrize("seed", [4, 5])
+def test_the_tumbling_fast_path_equals_the_plain_operator(seed):
+    """The aggregate runs _process_tumbling; the general _process is its oracle."""
+    records = stream(400, seed)
+    fast, plain = make(), make()
+    plain.engine.processor.process = plain.engine.processor._process
+    assert fast.engine.processor.fast
+    sizes = [37, 1, 80, 200, 82]
+    i = 0
+    for size in sizes:
+        a, b = fast.process(0, records[i : i + size]), plain.process(0, records[i : i + size])
+        i += size
+        assert windows(a) == windows(b)
+        assert [(d.offset, d.reason) for d in a.dead] == [(d.offset, d.reason) for d in b.dead]
+        assert a.duplicates == b.duplicates and a.counted == b.counted
+        assert a.writes == b.writes

@@ -36,3 +36,42 @@ def test_a_disabled_budget_never_trips():
     budget = Budget("parse", DlqBudget(enabled=False, max_consecutive=1))
     budget.check([True] * 1000)
     assert budget.tripped is None
+
+
+def _tripped(method, *args) -> bool:  # type: ignore[no-untyped-def]
+    from pipeline.errors import BudgetExceeded
+
+    try:
+        method(*args)
+    except BudgetExceeded:
+        return True
+    return False
+
+
+def test_a_clean_batch_counts_as_a_batch_of_good_outcomes():
+    """check_clean(n) is check([False] * n), outcome for outcome (random streams)."""
+    import random
+
+    for seed in range(60):
+        rng = random.Random(seed)
+        limits = DlqBudget(
+            window_records=rng.choice([5, 20, 50]),
+            min_records=rng.choice([3, 10, 30]),
+            max_ratio=rng.choice([0.2, 0.5]),
+            max_consecutive=rng.choice([4, 12, 100]),
+        )
+        slow, fast = Budget("s", limits), Budget("s", limits)
+        for _ in range(30):
+            if rng.random() < 0.6:
+                n = rng.randrange(0, 40)
+                assert _tripped(slow.check, [False] * n) == _tripped(fast.check_clean, n)
+            else:
+                batch = [rng.random() < 0.3 for _ in range(rng.randrange(1, 20))]
+                assert _tripped(slow.check, batch) == _tripped(fast.check, batch)
+            if slow.tripped:
+                break
+            assert (slow.consecutive, slow._dead_in_window, list(slow._window)) == (
+                fast.consecutive,
+                fast._dead_in_window,
+                list(fast._window),
+            )

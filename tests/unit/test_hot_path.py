@@ -195,16 +195,18 @@ class FakeProducer:
             index = callback.args[0]
             err = None
             if index in self.fail:
-                code = self.code
 
                 class Err:
+                    def __init__(self, code: int) -> None:
+                        self._code = code
+
                     def str(self) -> str:
                         return "broker said no"
 
                     def code(self) -> int:
-                        return code
+                        return self._code
 
-                err = Err()
+                err = Err(self.code)
             callback(err, FakeMessage(topic, index % 3, 1000 + index))
             del n
         threading.Event().wait(min(timeout, 0.01))
