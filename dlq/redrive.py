@@ -60,8 +60,9 @@ class ReplayReport:
     refused: dict[str, int]  # by reason: replay-count already at --max-replays
     sent_refs: tuple[str, ...]
     refused_refs: tuple[str, ...]
-    #: truncated dead letters whose original is gone: ref -> why (never replayed)
-    gone: dict[str, str] = field(default_factory=dict)
+    #: dead letters left out, ref -> why: a truncated one whose original is gone
+    #: (its prefix is never replayed), one too large for the input topic
+    skipped: dict[str, str] = field(default_factory=dict)
 
     @property
     def sent_total(self) -> int:
@@ -83,7 +84,7 @@ class ReplayReport:
             "refused_total": self.refused_total,
             "sent_refs": list(self.sent_refs),
             "refused_refs": list(self.refused_refs),
-            "gone": self.gone,
+            "skipped": self.skipped,
         }
 
 
@@ -117,7 +118,9 @@ def replay(
     Dead letters whose replay-count is already ``max_replays`` or more are refused.
     A truncated dead letter is replayed with its whole original value, read back
     from its source topic (:mod:`dlq.original`), never with its prefix; one whose
-    original is gone is left out and reported in ``gone``. Returns once the broker
+    original is gone is left out and reported in ``skipped``, as is one larger than
+    the input topic takes (``topics.<name>.max_message_bytes``, else
+    ``runner.max_message_bytes``). Returns once the broker
     acknowledged every record sent; raises BrokerError or PipelineError if any was
     not (some may have been written: see the message).
     """
@@ -132,14 +135,22 @@ def replay(
             (refused if letter.replay_count >= max_replays else to_send).append(letter)
     finally:
         letters.close()
-    gone: dict[str, str] = {}
+    skipped: dict[str, str] = {}
     values: dict[str, bytes | None] = {}
+    limit = input_limit(settings, target)
     for letter in to_send:
         try:
-            values[letter.ref] = original_value(settings, letter)
+            value = values[letter.ref] = original_value(settings, letter)
         except OriginalGone as exc:
-            gone[letter.ref] = str(exc)
-    to_send = [d for d in to_send if d.ref not in gone]
+            skipped[letter.ref] = str(exc)
+            continue
+        size = len(value) + len(letter.key or b"")
+        if size > limit:
+            skipped[letter.ref] = (
+                f"dead letter {letter.ref}: its record of {size} bytes is larger than {target} "
+                f"takes ({limit}); raise topics.{target}.max_message_bytes to replay it"
+            )
+    to_send = [d for d in to_send if d.ref not in skipped]
     report = ReplayReport(
         stage=stage,
         target_topic=target,
@@ -149,12 +160,20 @@ def replay(
         refused=dict(Counter(d.reason for d in refused)),
         sent_refs=tuple(d.ref for d in to_send),
         refused_refs=tuple(d.ref for d in refused),
-        gone=gone,
+        skipped=skipped,
     )
     if dry_run or not to_send:
         return report
-    _send(settings, target, to_send, Pacer(rate), flush_timeout, values)
+    _send(settings, target, to_send, Pacer(rate), flush_timeout, values, limit)
     return report
+
+
+def input_limit(settings: Settings, topic: str) -> int:
+    """The largest record (key and value; headers are small) a replay writes to
+    ``topic``: its declared ``max_message_bytes``, else the producer's limit."""
+    spec = settings.topics.get(topic)
+    declared = spec.max_message_bytes if spec is not None else None
+    return declared or settings.runner.max_message_bytes
 
 
 def _send(
@@ -164,8 +183,10 @@ def _send(
     pacer: Pacer,
     flush_timeout: float,
     values: dict[str, bytes | None],
+    limit: int,
 ) -> None:
-    client = producer(settings)
+    # room for the headers above the record's own limit
+    client = producer(settings, **{"message.max.bytes": limit + 65_536})
     errors: list[str] = []
 
     def on_delivery(err: Any, msg: Any) -> None:

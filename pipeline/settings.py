@@ -101,7 +101,7 @@ class DlqBudget(_Frozen):
     enabled: bool = True
     window_records: int = Field(default=1000, ge=1)
     min_records: int = Field(default=200, ge=1)
-    max_ratio: float = Field(default=0.5, gt=0, le=1)
+    max_ratio: float = Field(default=0.25, gt=0, le=1)
     max_consecutive: int = Field(default=500, ge=1)
 
 

@@ -442,7 +442,7 @@ def dlq_replay(
         shown = ", ".join(report.refused_refs[:10])
         more = f" and {len(report.refused_refs) - 10} more" if len(report.refused_refs) > 10 else ""
         click.echo(f"refused (replay-count >= {max_replays}): {shown}{more}")
-    for why in list(report.gone.values())[:10]:
+    for why in list(report.skipped.values())[:10]:
         click.echo(f"not replayed: {why}")
 
 

@@ -138,3 +138,34 @@ def test_dead_letters_always_fit_their_budget(value, key, header_bytes, budget):
     if size(key, value, headers) <= budget:
         assert (out_key, out_value, out_headers) == (key, value, headers)  # untouched
     assert named["dlq.stage"] == b"parse" and named["lineage-id"] == b"L" * 26
+
+
+LIMIT, DLQ_BUDGET = 100_000, 20_000
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    sizes=st.lists(
+        st.sampled_from([0, 1, DLQ_BUDGET - 300, DLQ_BUDGET, DLQ_BUDGET + 1, LIMIT - 200])
+        | st.sampled_from([LIMIT - 1, LIMIT, LIMIT + 1, 2 * LIMIT])
+        | st.integers(0, 3 * LIMIT),
+        min_size=1,
+        max_size=8,
+    )
+)
+def test_every_record_is_written_or_a_dead_letter_that_fits_whatever_its_size(sizes):
+    """Around every limit (the output topic's, the dead-letter budget): each input is
+    one output no larger than the topic takes, or one dead letter within budget."""
+    harness = StageHarness(copy, topic_limits={"out": LIMIT}, dlq_max_bytes=DLQ_BUDGET)
+    values = [bytes([65 + i]) * n for i, n in enumerate(sizes)]
+    run = harness.run([record(v, key="k") for v in values])
+    assert len(run.outputs) + len(run.dead_letters) == len(values)
+    for out in run.outputs:
+        assert size(out.key, out.value, list(out.headers.items())) <= LIMIT
+    for letter in run.dead_letters:
+        assert letter.reason == "unwritable"
+        assert size(letter.key, letter.value, list(letter.headers.items())) <= DLQ_BUDGET
+        original = int(letter.header("dlq.payload.size") or len(letter.value or b""))
+        assert original > LIMIT - 1000  # only what cannot be written is refused
+    written = {o.value for o in run.outputs}
+    assert all(v in written for v in values if len(v) <= LIMIT - 1000)
