@@ -10,10 +10,17 @@ A previous envelope on the record (a re-driven dead letter) is replaced, except
 ``dlq.replay-count`` which is carried over; ``retry.*`` headers (:mod:`dlq.retry`)
 are dropped. ``dlq.original.*`` name where the record entered the stage the first
 time, also when it failed during a retry.
+
+A dead letter always fits (:func:`bounded`): past ``dlq.max_payload_bytes`` its
+value is a prefix, and ``dlq.payload.truncated``, ``dlq.payload.size`` and
+``dlq.payload.sha256`` say so; ``dlq.original.*`` still find the whole record in its
+source topic while that is retained (``pipeline dlq original REF``).
 """
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from dlq.retry import PREFIX as RETRY_PREFIX
@@ -75,3 +82,69 @@ class DeadLetter:
             (REPLAY_COUNT, replay_count),
         ]
         return kept
+
+
+# -- a dead letter always fits -------------------------------------------------------
+#: the largest dead letter (key + value + header names and values) by default:
+#: well under Kafka's default 1 MB message limit, whatever the original was
+MAX_PAYLOAD_BYTES = 256 * 1024
+TRUNCATED = "dlq.payload.truncated"
+PAYLOAD_SIZE = "dlq.payload.size"
+PAYLOAD_SHA256 = "dlq.payload.sha256"
+KEY_SIZE = "dlq.key.size"
+HEADERS_DROPPED = "dlq.headers.dropped"
+#: original headers a dead letter keeps even when it must drop the others
+_KEPT = frozenset({"lineage-id", "lineage-parent", "traceparent", "source", "schema", "ingest-ts"})
+
+
+def _size(headers: Sequence[tuple[str, bytes]]) -> int:
+    return sum(len(k) + len(v) for k, v in headers)
+
+
+def bounded(
+    key: bytes | None,
+    value: bytes | None,
+    headers: list[tuple[str, bytes]],
+    max_bytes: int = MAX_PAYLOAD_BYTES,
+) -> tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]:
+    """A dead letter's key, value and headers within ``max_bytes``.
+
+    When they would not fit: original headers other than the contract's are dropped
+    first if they take more than a quarter of the budget (``dlq.headers.dropped``
+    counts them); a key over an eighth is cut to that (``dlq.key.size`` says how long
+    it was); the value is cut to the prefix that fits, and ``dlq.payload.truncated``,
+    ``dlq.payload.size`` and ``dlq.payload.sha256`` (of the whole original value)
+    say so. A dead letter that fits is returned as it is.
+    """
+    size = len(key or b"") + len(value or b"") + _size(headers)
+    if size <= max_bytes:
+        return key, value, headers
+    out = list(headers)
+    if _size(out) > max_bytes // 4:
+        kept = [(k, v) for k, v in out if k.startswith(PREFIX) or k in _KEPT]
+        dropped = len(out) - len(kept)
+        out = [(k, v[: max_bytes // 16]) for k, v in kept]
+        if dropped:
+            out.append((HEADERS_DROPPED, str(dropped).encode()))
+    if key is not None and len(key) > max_bytes // 8:
+        out.append((KEY_SIZE, str(len(key)).encode()))
+        key = key[: max_bytes // 8]
+    if value is not None:
+        marks = [
+            (TRUNCATED, b"true"),
+            (PAYLOAD_SIZE, str(len(value)).encode()),
+            (PAYLOAD_SHA256, hashlib.sha256(value).hexdigest().encode()),
+        ]
+        room = max(0, max_bytes - len(key or b"") - _size(out) - _size(marks))
+        if len(value) > room:
+            value = value[:room]
+            out += marks
+    return key, value, out
+
+
+def dead_letter_record(
+    dead: DeadLetter, topic: str, now_ms: int, max_bytes: int = MAX_PAYLOAD_BYTES
+) -> tuple[str, bytes | None, bytes | None, list[tuple[str, bytes]], int | None]:
+    """The record to produce for ``dead`` on ``topic``: envelope on, within ``max_bytes``."""
+    key, value, headers = bounded(dead.key, dead.value, dead.envelope_headers(now_ms), max_bytes)
+    return (topic, key, value, headers, dead.timestamp_ms or None)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from confluent_kafka import (
@@ -18,6 +18,7 @@ from confluent_kafka import (
 )
 
 from dlq import envelope
+from dlq.original import OriginalGone, original_value
 from dlq.read import Filters, Header, StoredDeadLetter, iter_dead_letters, topic_partitions
 from dlq.retry import PREFIX as RETRY_PREFIX
 from pipeline.errors import BrokerError, PipelineError
@@ -59,6 +60,9 @@ class ReplayReport:
     refused: dict[str, int]  # by reason: replay-count already at --max-replays
     sent_refs: tuple[str, ...]
     refused_refs: tuple[str, ...]
+    #: dead letters left out, ref -> why: a truncated one whose original is gone
+    #: (its prefix is never replayed), one too large for the input topic
+    skipped: dict[str, str] = field(default_factory=dict)
 
     @property
     def sent_total(self) -> int:
@@ -80,6 +84,7 @@ class ReplayReport:
             "refused_total": self.refused_total,
             "sent_refs": list(self.sent_refs),
             "refused_refs": list(self.refused_refs),
+            "skipped": self.skipped,
         }
 
 
@@ -111,8 +116,13 @@ def replay(
     """Send a stage's matching dead letters back to its input topic.
 
     Dead letters whose replay-count is already ``max_replays`` or more are refused.
-    Returns once the broker acknowledged every record sent; raises BrokerError or
-    PipelineError if any was not (some may have been written: see the message).
+    A truncated dead letter is replayed with its whole original value, read back
+    from its source topic (:mod:`dlq.original`), never with its prefix; one whose
+    original is gone is left out and reported in ``skipped``, as is one larger than
+    the input topic takes (``topics.<name>.max_message_bytes``, else
+    ``runner.max_message_bytes``). Returns once the broker
+    acknowledged every record sent; raises BrokerError or PipelineError if any was
+    not (some may have been written: see the message).
     """
     target = settings.stage(stage).inputs[0]
     topic_partitions(admin(settings), target)  # fail fast (BrokerError) if it does not exist
@@ -125,6 +135,22 @@ def replay(
             (refused if letter.replay_count >= max_replays else to_send).append(letter)
     finally:
         letters.close()
+    skipped: dict[str, str] = {}
+    values: dict[str, bytes | None] = {}
+    limit = input_limit(settings, target)
+    for letter in to_send:
+        try:
+            value = values[letter.ref] = original_value(settings, letter)
+        except OriginalGone as exc:
+            skipped[letter.ref] = str(exc)
+            continue
+        size = len(value) + len(letter.key or b"")
+        if size > limit:
+            skipped[letter.ref] = (
+                f"dead letter {letter.ref}: its record of {size} bytes is larger than {target} "
+                f"takes ({limit}); raise topics.{target}.max_message_bytes to replay it"
+            )
+    to_send = [d for d in to_send if d.ref not in skipped]
     report = ReplayReport(
         stage=stage,
         target_topic=target,
@@ -134,11 +160,20 @@ def replay(
         refused=dict(Counter(d.reason for d in refused)),
         sent_refs=tuple(d.ref for d in to_send),
         refused_refs=tuple(d.ref for d in refused),
+        skipped=skipped,
     )
     if dry_run or not to_send:
         return report
-    _send(settings, target, to_send, Pacer(rate), flush_timeout)
+    _send(settings, target, to_send, Pacer(rate), flush_timeout, values, limit)
     return report
+
+
+def input_limit(settings: Settings, topic: str) -> int:
+    """The largest record (key and value; headers are small) a replay writes to
+    ``topic``: its declared ``max_message_bytes``, else the producer's limit."""
+    spec = settings.topics.get(topic)
+    declared = spec.max_message_bytes if spec is not None else None
+    return declared or settings.runner.max_message_bytes
 
 
 def _send(
@@ -147,8 +182,11 @@ def _send(
     letters: Sequence[StoredDeadLetter],
     pacer: Pacer,
     flush_timeout: float,
+    values: dict[str, bytes | None],
+    limit: int,
 ) -> None:
-    client = producer(settings)
+    # room for the headers above the record's own limit
+    client = producer(settings, **{"message.max.bytes": limit + 65_536})
     errors: list[str] = []
 
     def on_delivery(err: Any, msg: Any) -> None:
@@ -163,7 +201,7 @@ def _send(
             kwargs["timestamp"] = ts
         while True:
             try:
-                client.produce(topic, letter.value, letter.key, **kwargs)
+                client.produce(topic, values.get(letter.ref, letter.value), letter.key, **kwargs)
                 break
             except BufferError:
                 client.poll(0.05)

@@ -9,6 +9,8 @@
     │                    exit code 2, one line
     ├── BrokerError      no broker could be reached or started: exit code 3
     │   └── DeliveryError   the broker did not acknowledge a produced record
+    │       └── RecordsRefused  ... and never will (too large, invalid): those
+    │                           records become ``unwritable`` dead letters
     ├── BudgetExceeded   a stage dead-lettered more than its budget allows
     └── StageStopped     the stage stopped consuming (its budget); the batch was
                          not delivered
@@ -56,6 +58,17 @@ class BrokerError(PipelineError):
 
 class DeliveryError(BrokerError):
     """The broker did not acknowledge a produced record."""
+
+
+class RecordsRefused(DeliveryError):
+    """Some records of a batch were refused for good (too large, invalid); retrying
+    them cannot help. ``refused`` maps each one's index in the batch to why;
+    ``deliveries`` holds the coordinates of the others, which were written."""
+
+    def __init__(self, message: str, refused: dict[int, str], deliveries: object) -> None:
+        super().__init__(message)
+        self.refused = refused
+        self.deliveries = deliveries
 
 
 class BudgetExceeded(PipelineError):

@@ -101,7 +101,7 @@ class DlqBudget(_Frozen):
     enabled: bool = True
     window_records: int = Field(default=1000, ge=1)
     min_records: int = Field(default=200, ge=1)
-    max_ratio: float = Field(default=0.5, gt=0, le=1)
+    max_ratio: float = Field(default=0.25, gt=0, le=1)
     max_consecutive: int = Field(default=500, ge=1)
 
 
@@ -182,6 +182,15 @@ class BackfillSettings(_Frozen):
     key_column: str | None = None
 
 
+class DlqSettings(_Frozen):
+    """What every stage's dead letters share (dlq.envelope)."""
+
+    #: the largest dead letter (key + value + headers): past it the value is a prefix
+    #: with ``dlq.payload.truncated/size/sha256``; keep it under every DLQ topic's
+    #: ``max.message.bytes`` (Kafka's default: 1 MB)
+    max_payload_bytes: int = Field(default=262_144, ge=4096, le=64 * 1024 * 1024)
+
+
 class RunnerSettings(_Frozen):
     batch_max_records: int = Field(default=2000, ge=1)
     commit_interval_s: float = Field(default=1.0, gt=0)
@@ -196,6 +205,9 @@ class RunnerSettings(_Frozen):
     fetch_max_wait_ms: int = Field(default=500, ge=1, le=30_000)
     #: the longest a backfill-lane batch waits for live input to drain first
     backfill_max_defer_s: float = Field(default=5.0, ge=0)
+    #: the largest record a worker produces (the producer's ``message.max.bytes``);
+    #: a larger output is an ``unwritable`` dead letter, never a crash
+    max_message_bytes: int = Field(default=1_000_000, ge=4096, le=1_000_000_000)
 
 
 class OpenLineageSettings(_Frozen):
@@ -248,6 +260,9 @@ class Settings(BaseSettings):
     app_prefix: str = "iot-pipeline"
     #: where stages write record lineage hops (pipeline.lineage); none: no hops
     lineage_topic: str | None = None
+    #: where a worker notes the batch it failed on before it exits (compacted), so its
+    #: next start, /healthz and `pipeline status` can tell a crash loop; none: off
+    failures_topic: str | None = None
     metrics_host: str = "127.0.0.1"
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
     log_level: str = "info"
@@ -259,6 +274,7 @@ class Settings(BaseSettings):
     topics: dict[str, TopicSpec]
     stages: dict[str, StageSpec]
     runner: RunnerSettings = RunnerSettings()
+    dlq: DlqSettings = DlqSettings()
     openlineage: OpenLineageSettings = OpenLineageSettings()
     backfill: BackfillSettings = BackfillSettings()
 
@@ -294,8 +310,10 @@ class Settings(BaseSettings):
                     )
             if spec.retry is not None and spec.retry.topic in spec.inputs:
                 raise ValueError(f"stage {stage_id!r}: its retry topic is one of its inputs")
-        if self.lineage_topic is not None and self.lineage_topic not in self.topics:
-            raise ValueError(f"lineage_topic {self.lineage_topic!r} is not declared under 'topics'")
+        for name in ("lineage_topic", "failures_topic"):
+            topic = getattr(self, name)
+            if topic is not None and topic not in self.topics:
+                raise ValueError(f"{name} {topic!r} is not declared under 'topics'")
         runs = self.backfill.runs_topic
         if runs is not None and runs not in self.topics:
             raise ValueError(f"backfill.runs_topic {runs!r} is not declared under 'topics'")
@@ -390,8 +408,9 @@ def namespaced(doc: Mapping[str, Any], tag: str) -> dict[str, Any]:
             spec["retry"]["topic"] = rename[spec["retry"]["topic"]]
         if "lookups" in spec:
             spec["lookups"] = {k: rename[v] for k, v in spec["lookups"].items()}
-    if out.get("lineage_topic"):
-        out["lineage_topic"] = rename[out["lineage_topic"]]
+    for name in ("lineage_topic", "failures_topic"):
+        if out.get(name):
+            out[name] = rename[out[name]]
     if out.get("backfill", {}).get("runs_topic"):
         out["backfill"]["runs_topic"] = rename[out["backfill"]["runs_topic"]]
     out["app_prefix"] = f"{tag}-pipeline"

@@ -27,6 +27,7 @@ from typing import Any
 
 from openlineage.client.uuid import generate_new_uuid
 
+from dlq.envelope import dead_letter_record
 from pipeline import contract
 from pipeline.backfill.completion import Completion, RunCancelled, RunFailed
 from pipeline.backfill.lineage import BackfillLineage
@@ -295,10 +296,8 @@ class Controller:
         for step in chain:
             result = step.engine.process(chunk.index, records)
             out += route_retries(step.spec.retry, result, now_ms)
-            out += [
-                (step.spec.dlq, d.key, d.value, d.envelope_headers(now_ms), d.timestamp_ms or None)
-                for d in result.dead
-            ]
+            limit = self.settings.dlq.max_payload_bytes
+            out += [dead_letter_record(d, step.spec.dlq, now_ms, limit) for d in result.dead]
             dead_lettered += len(result.dead)
             duplicates += result.duplicates
             records = [

@@ -14,8 +14,10 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import click
+from confluent_kafka import KafkaException
 
 from pipeline.errors import BrokerError, ConfigError, PipelineError
+from pipeline.kafka.clients import broker_error
 from pipeline.settings import Settings, load_settings
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -40,6 +42,8 @@ def handle_errors(fn: F) -> F:
             fail(str(exc), EXIT_BROKER)
         except PipelineError as exc:
             fail(str(exc), 1)
+        except KafkaException as exc:  # a client call no command wrapped: still one line
+            fail(str(broker_error("the broker refused a request", exc)), EXIT_BROKER)
         return None
 
     return wrapper  # type: ignore[return-value]

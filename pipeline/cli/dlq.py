@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import click
 
-from dlq import export, purge, read, redrive, view
+from dlq import export, original, purge, read, redrive, view
 from dlq.reasons import FRAMEWORK
 from pipeline.cli.common import cell, clean, handle_errors, print_table, settings_from
 from pipeline.settings import Settings
@@ -263,12 +263,51 @@ def dlq_show(ctx: click.Context, ref: str, as_json: bool) -> None:
     click.echo(f"headers ({len(letter.headers)}):")
     for name, raw in letter.headers:
         click.echo(f"  {clean(name)}: {_preview_line(view.preview(raw, 200))}")
+    if original.is_truncated(letter):
+        size = _header_text(letter, "dlq.payload.size") or "?"
+        click.echo(
+            f"payload truncated: {len(letter.value or b'')} of {size} bytes kept (sha256 "
+            f"{_header_text(letter, 'dlq.payload.sha256')}); the whole record, while "
+            f"{_original(letter)} is retained: pipeline dlq original {letter.ref} --out FILE"
+        )
     if value.encoding == "none":
         click.echo("payload: (none)")
         return
     shown = f", first {view.PREVIEW_BYTES} shown" if value.truncated else ""
     click.echo(f"payload ({value.size} bytes, {value.encoding}{shown}):")
     click.echo(value.text if value.encoding == "hex" else _payload_text(value.text))
+
+
+def _header_text(letter: Any, name: str) -> str | None:
+    found = None
+    for key, raw in letter.headers:
+        if key == name and raw is not None:
+            found = raw.decode("utf-8", "replace")
+    return found
+
+
+@dlq.command("original")
+@click.argument("ref")
+@click.option(
+    "--out",
+    "out",
+    type=click.Path(dir_okay=False, writable=True),
+    required=True,
+    help="Write the original value (bytes as they were) to this file.",
+)
+@click.pass_context
+@handle_errors
+def dlq_original(ctx: click.Context, ref: str, out: str) -> None:
+    """The whole value of the dead letter REF: its own, or for a truncated one the
+    original record's, read back from its source topic and checked against its
+    digest. Exits 1 with the reason if the original is gone."""
+    settings = settings_from(ctx)
+    letter = read.find(settings, read.parse_ref(ref, settings.stage_ids))
+    value = original.original_value(settings, letter)
+    with open(out, "wb") as handle:
+        handle.write(value)
+    source = f" from {_original(letter)}" if original.is_truncated(letter) else ""
+    click.echo(f"wrote {len(value)} bytes{source} to {out}")
 
 
 def _preview_json(p: view.Preview) -> dict[str, Any]:
@@ -403,6 +442,8 @@ def dlq_replay(
         shown = ", ".join(report.refused_refs[:10])
         more = f" and {len(report.refused_refs) - 10} more" if len(report.refused_refs) > 10 else ""
         click.echo(f"refused (replay-count >= {max_replays}): {shown}{more}")
+    for why in list(report.skipped.values())[:10]:
+        click.echo(f"not replayed: {why}")
 
 
 def _known(settings: Settings, stages: Sequence[str]) -> list[str] | None:

@@ -53,6 +53,7 @@ class BatchResult:
         "lanes_ended",
         "outputs",
         "rejected_offsets",
+        "retried",
         "retryable",
         "stage_id",
         "writes",
@@ -71,6 +72,8 @@ class BatchResult:
         #: records the stage wrote nothing for (filtered out)
         self.dropped: list[Record] = []
         self.retryable: list[tuple[Record, RetryableError]] = []
+        #: records sent to the retry topic (by the runner), in the order it sends them
+        self.retried: list[Record] = []
         self.rejected_offsets: list[int] = []
         #: (input offset, lineage id, ref) of every record absorbed into state
         self.counted: list[tuple[int, str, Any]] = []

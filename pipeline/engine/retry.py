@@ -9,14 +9,20 @@ dead-lettered with ``dlq.attempts`` and its first coordinates.
 from __future__ import annotations
 
 from dlq import retry
+from dlq.reasons import UNWRITABLE
 from pipeline.engine.result import BatchResult
-from pipeline.records import Outgoing
+from pipeline.errors import InvalidMessage
+from pipeline.records import Outgoing, Record
 from pipeline.settings import RetryPolicy
 
 
-def route_retries(policy: RetryPolicy | None, result: BatchResult, now_ms: int) -> list[Outgoing]:
-    """The retry records of ``result``; records out of attempts become dead letters
-    in ``result``. Clears ``result.retryable``."""
+def route_retries(
+    policy: RetryPolicy | None, result: BatchResult, now_ms: int, max_bytes: int | None = None
+) -> list[Outgoing]:
+    """The retry records of ``result`` (their records in ``result.retried``, in the same
+    order); records out of attempts become dead letters in ``result``, and so do
+    records too large to go to the retry topic (``unwritable``). Clears
+    ``result.retryable``."""
     outgoing: list[Outgoing] = []
     if not result.retryable:
         return outgoing
@@ -24,6 +30,9 @@ def route_retries(policy: RetryPolicy | None, result: BatchResult, now_ms: int) 
         failed = retry.attempts(record.headers) + 1
         if policy is None or failed >= policy.max_attempts:
             result.reject(record, exc)
+            continue
+        if max_bytes is not None and len(record.value or b"") + len(record.key or b"") > max_bytes:
+            result.reject(record, _too_large(policy.topic, record, max_bytes))
             continue
         at = retry.origin(
             record.headers, record.topic, record.partition, record.offset, record.timestamp_ms
@@ -33,5 +42,13 @@ def route_retries(policy: RetryPolicy | None, result: BatchResult, now_ms: int) 
             record.headers, at, failed, due, str(exc.reason), str(exc), now_ms
         )
         outgoing.append((policy.topic, record.key, record.value, headers, at.timestamp_ms))
+        result.retried.append(record)
     result.retryable.clear()
     return outgoing
+
+
+def _too_large(topic: str, record: Record, max_bytes: int) -> InvalidMessage:
+    size = len(record.value or b"") + len(record.key or b"")
+    return InvalidMessage(
+        UNWRITABLE, f"a record of {size} bytes cannot go to {topic} (max {max_bytes})"
+    )

@@ -25,6 +25,7 @@ live records downstream.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -32,11 +33,13 @@ from operator import attrgetter
 from typing import Any, Protocol
 
 from dlq.budget import Budget
-from dlq.envelope import DeadLetter
+from dlq.envelope import MAX_PAYLOAD_BYTES, DeadLetter, dead_letter_record
+from dlq.reasons import UNWRITABLE
 from pipeline.engine.result import BatchResult
 from pipeline.engine.retry import route_retries
+from pipeline.errors import InvalidMessage, RecordsRefused
 from pipeline.lineage.hops import batch_hops
-from pipeline.records import Deliveries, Outgoing, Partitioned, Record
+from pipeline.records import Deliveries, Outgoing, OutRecord, Partitioned, Record
 from pipeline.settings import StageSpec
 
 
@@ -62,6 +65,7 @@ class BatchReport:
     dead_by_reason: dict[str, int] = field(default_factory=dict)
 
 
+log = logging.getLogger("pipeline.engine")
 _TOPIC = attrgetter("topic")
 
 
@@ -86,6 +90,9 @@ class StageRunner:
         on_state: Callable[[int, list[tuple[bytes, bytes | None]]], None] | None = None,
         spans: Callable[[Sequence[Record], BatchResult, int], None] | None = None,
         failpoint: Callable[[str], None] = _noop,
+        max_message_bytes: int = 1_000_000,
+        topic_limits: Mapping[str, int] | None = None,
+        dlq_max_bytes: int = MAX_PAYLOAD_BYTES,
     ) -> None:
         self.stage_id = stage_id
         self.spec = spec
@@ -101,6 +108,10 @@ class StageRunner:
         self.spans = spans
         self.failpoint = failpoint
         self.retry_topic = spec.retry.topic if spec.retry is not None else ""
+        #: the largest record the producer writes, and topics that take less
+        self.max_message_bytes = max_message_bytes
+        self.topic_limits = dict(topic_limits or {})
+        self.dlq_max_bytes = min(dlq_max_bytes, self._limit(spec.dlq))
 
     # -- routing -------------------------------------------------------------------------
     def _targets(self, topic: str | None, lane_batch: bool) -> tuple[str, ...]:
@@ -140,14 +151,52 @@ class StageRunner:
         batch += extra
         return batch, topics
 
-    def _dead_letter(self, dead: DeadLetter, now_ms: int) -> Outgoing:
-        return (
-            self.spec.dlq,
-            dead.key,
-            dead.value,
-            dead.envelope_headers(now_ms),
-            dead.timestamp_ms or None,
-        )
+    def _dead_letter(self, dead: DeadLetter, now_ms: int, max_bytes: int | None = None) -> Outgoing:
+        return dead_letter_record(dead, self.spec.dlq, now_ms, max_bytes or self.dlq_max_bytes)
+
+    # -- records that cannot be written ------------------------------------------------------
+    def _limit(self, topic: str) -> int:
+        return min(self.max_message_bytes, self.topic_limits.get(topic, self.max_message_bytes))
+
+    def _too_large(self, records: Sequence[Record], result: BatchResult, lane_batch: bool) -> None:
+        """Outputs larger than their topic takes become ``unwritable`` dead letters of the
+        records they were made from, before anything is sent (a broker would refuse
+        them, and the batch would fail again on every retry)."""
+        # headers are small: only outputs near a limit are measured whole
+        near = min([self.max_message_bytes, *self.topic_limits.values()]) - 65_536
+        suspects = [i for i, o in enumerate(result.outputs) if len(o.value or b"") > near]
+        if not suspects:
+            return
+        refused: dict[int, str] = {}
+        for i in suspects:
+            out = result.outputs[i]
+            topic = self._targets(out.topic, lane_batch)[0]
+            size = len(out.key or b"") + len(out.value or b"") + _header_bytes(out.headers)
+            if size > self._limit(topic):
+                refused[i] = f"{topic}: an output of {size} bytes is over {self._limit(topic)}"
+        self._unwritable(records, result, refused)
+
+    def _unwritable(
+        self, records: Sequence[Record], result: BatchResult, refused: Mapping[int, str]
+    ) -> list[DeadLetter]:
+        """Replace the outputs at ``refused`` (index -> why) by ``unwritable`` dead letters
+        of their sources (of themselves, for outputs made from state); returns them."""
+        if not refused:
+            return []
+        by_offset = {r.offset: r for r in records}
+        made: list[DeadLetter] = []
+        for index, why in refused.items():
+            out = result.outputs[index]
+            source = by_offset.get(out.source_offset) if out.source_offset is not None else None
+            exc = InvalidMessage(UNWRITABLE, why)
+            if source is not None and source.offset not in result.rejected_offsets:
+                result.reject(source, exc)
+                made.append(result.dead[-1])
+            elif source is None:
+                made.append(_from_output(self.stage_id, out, why, self.default_output or ""))
+                result.dead.append(made[-1])
+        result.outputs[:] = [o for i, o in enumerate(result.outputs) if i not in refused]
+        return made
 
     # -- a batch ---------------------------------------------------------------------------
     async def handle(self, partition: int, records: Sequence[Record]) -> BatchReport:
@@ -158,14 +207,21 @@ class StageRunner:
         result = self.engine.process(partition, records)
         if self.spans is not None:
             self.spans(records, result, start_ns)
-        retries = route_retries(self.spec.retry, result, int(self.clock() * 1000))
+        retry_limit = self._limit(self.retry_topic) if self.retry_topic else None
+        retries = route_retries(self.spec.retry, result, int(self.clock() * 1000), retry_limit)
+        lane_batch = self.lane is not None and bool(records) and records[0].topic == self.lane
+        self._too_large(records, result, lane_batch)
         if result.rejected_offsets:
             self.budget.check(self._outcomes(records, result))
         else:
             self.budget.check_clean(len(records))
-        lane_batch = self.lane is not None and bool(records) and records[0].topic == self.lane
         batch, topics = self._outgoing(result, retries, lane_batch)
-        delivered = await self.producer.send_batch(batch)
+        try:
+            delivered = await self.producer.send_batch(batch)
+        except RecordsRefused as exc:
+            retries, batch, topics, delivered = await self._after_refusal(
+                exc, records, result, retries, lane_batch
+            )
         if result.dead:
             self.failpoint("dlq-delivered")
         hops: list[Outgoing] = []
@@ -187,6 +243,74 @@ class StageRunner:
         if self.on_state is not None and result.writes:
             self.on_state(partition, result.writes)
         return self._report(records, result, retries, topics)
+
+    async def _after_refusal(
+        self,
+        exc: RecordsRefused,
+        records: Sequence[Record],
+        result: BatchResult,
+        retries: list[Outgoing],
+        lane_batch: bool,
+    ) -> tuple[list[Outgoing], list[Outgoing], list[str], Deliveries]:
+        """The broker refused some records of the batch for good: the rest are written.
+        Refused outputs and retries become ``unwritable`` dead letters, refused dead
+        letters are sent again smaller; only those are produced now. Returns the
+        batch as it was finally written (for lineage hops and metrics)."""
+        first = exc.deliveries
+        assert isinstance(first, Deliveries)
+        n_out, n_retry, n_dead = len(result.outputs), len(retries), len(result.dead)
+        refused = exc.refused
+        outputs_refused = {i: why for i, why in refused.items() if i < n_out}
+        retries_refused = {
+            i - n_out: why for i, why in refused.items() if n_out <= i < n_out + n_retry
+        }
+        dead_refused = {
+            i - n_out - n_retry for i in refused if n_out + n_retry <= i < n_out + n_retry + n_dead
+        }
+        kept_out = [i for i in range(n_out) if i not in outputs_refused]
+        kept_retry = [i for i in range(n_retry) if i not in retries_refused]
+        old_dead = list(result.dead)
+        for i, why in retries_refused.items():
+            result.reject(result.retried[i], InvalidMessage(UNWRITABLE, why))
+        self._unwritable(records, result, outputs_refused)
+        new_dead = result.dead[n_dead:]
+        now_ms = int(self.clock() * 1000)
+        resend = [self._dead_letter(old_dead[i], now_ms, 4096) for i in sorted(dead_refused)]
+        resend += [self._dead_letter(d, now_ms) for d in new_dead]
+        try:
+            more = await self.producer.send_batch(resend)
+        except RecordsRefused:
+            # the smallest a dead letter can be: the envelope, no payload
+            bare = [(topic, None, None, headers, ts) for topic, _, _, headers, ts in resend]
+            more = await self.producer.send_batch(bare)
+        log.error(
+            "stage %s: %d record(s) refused by the broker for good (first: %s); written as "
+            "unwritable dead letters",
+            self.stage_id,
+            len(refused),
+            min(refused.items())[1],
+        )
+        # the batch as written: kept outputs, kept retries, dead letters (re-sent ones
+        # where they were), then the new ones
+        kept_retries = [retries[i] for i in kept_retry]
+        result.retried = [result.retried[i] for i in kept_retry]
+        coords: list[tuple[int, int]] = [(first.partitions[i], first.offsets[i]) for i in kept_out]
+        coords += [(first.partitions[n_out + i], first.offsets[n_out + i]) for i in kept_retry]
+        resent = iter(range(len(dead_refused)))
+        for i in range(n_dead):
+            if i in dead_refused:
+                j = next(resent)
+                coords.append((more.partitions[j], more.offsets[j]))
+            else:
+                coords.append(
+                    (first.partitions[n_out + n_retry + i], first.offsets[n_out + n_retry + i])
+                )
+        coords += [
+            (more.partitions[j], more.offsets[j]) for j in range(len(dead_refused), len(more))
+        ]
+        batch, topics = self._outgoing(result, kept_retries, lane_batch)
+        written = Deliveries(batch, [p for p, _ in coords], [o for _, o in coords])
+        return kept_retries, batch, topics, written
 
     async def tick(self, partition: int, quiet_since: float) -> BatchReport | None:
         """Advance an idle partition of a stateful stage; deliver what that emits."""
@@ -232,3 +356,24 @@ class StageRunner:
         for letter in result.dead:
             dead[letter.reason] = dead.get(letter.reason, 0) + 1
         return BatchReport(records, result, len(retries), produced, dead)
+
+
+def _header_bytes(headers: Sequence[tuple[str, bytes]]) -> int:
+    return sum(len(k) + len(v) for k, v in headers)
+
+
+def _from_output(stage_id: str, out: OutRecord, why: str, topic: str) -> DeadLetter:
+    """A dead letter of an output with no input record behind it (made from state)."""
+    return DeadLetter(
+        stage=stage_id,
+        reason=UNWRITABLE,
+        error_class="RecordsRefused",
+        error_message=why,
+        key=out.key,
+        value=out.value,
+        headers=tuple(out.headers),
+        topic=out.topic or topic,
+        partition=-1,
+        offset=-1,
+        timestamp_ms=out.timestamp_ms or 0,
+    )

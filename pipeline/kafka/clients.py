@@ -136,6 +136,7 @@ def producer_config(settings: Settings, **overrides: Any) -> dict[str, Any]:
         "compression.type": "lz4",
         "partitioner": "murmur2_random",
         "message.timeout.ms": 60000,
+        "message.max.bytes": settings.runner.max_message_bytes,
         **overrides,
     }
 

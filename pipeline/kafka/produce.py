@@ -23,7 +23,7 @@ from confluent_kafka import (
     Producer,
 )
 
-from pipeline.errors import BrokerError, DeliveryError
+from pipeline.errors import BrokerError, DeliveryError, RecordsRefused
 from pipeline.records import Deliveries, Outgoing, Partitioned
 
 
@@ -107,24 +107,48 @@ class _Pending:
         self._count = itertools.count(1)
         self.partitions = [0] * total
         self.offsets = [0] * total
-        self.errors: list[str] = []
+        #: (index, error code, "topic: message") of each record not acknowledged
+        self.errors: list[tuple[int, int, str]] = []
 
     def on_delivery(self, index: int, err: KafkaError | None, msg: Message) -> None:
         if err is None:
             self.partitions[index] = msg.partition() or 0
             self.offsets[index] = msg.offset() or 0
         else:
-            self.errors.append(f"{msg.topic()}: {err.str()}")
+            self.errors.append((index, err.code(), f"{msg.topic()}: {err.str()}"))
+        self._counted()
+
+    def fail(self, index: int, code: int, text: str) -> None:
+        """A record the client refused before sending it."""
+        self.errors.append((index, code, text))
+        self._counted()
+
+    def _counted(self) -> None:
         if next(self._count) == self.total:
             self._loop.call_soon_threadsafe(_resolve, self.future)
+
+
+#: errors that retrying the same record can never fix (the record is the problem)
+PERMANENT = frozenset(
+    {
+        KafkaError.MSG_SIZE_TOO_LARGE,
+        KafkaError.INVALID_RECORD,
+        KafkaError.RECORD_LIST_TOO_LARGE,
+        KafkaError.INVALID_MSG_SIZE,
+        KafkaError.INVALID_MSG,
+        KafkaError.INVALID_TIMESTAMP,
+    }
+)
 
 
 class AsyncProducer:
     """A confluent-kafka producer whose batches can be awaited until acknowledged.
 
     ``send_batch`` returns only when every record of the batch is acknowledged by
-    the broker, and raises :class:`DeliveryError` if any failed: callers commit
-    input offsets only after it returns.
+    the broker, and raises :class:`DeliveryError` if any failed (transient: broker
+    down, timeouts) or :class:`RecordsRefused` if every failure was a record the
+    broker or client refuses for good: callers commit input offsets only after it
+    returns.
     """
 
     def __init__(self, producer: Producer) -> None:
@@ -173,7 +197,12 @@ class AsyncProducer:
                 except BufferError:
                     await asyncio.sleep(0.01)
                 except KafkaException as exc:
-                    raise DeliveryError(f"cannot produce to {topic}: {exc}") from exc
+                    error = exc.args[0] if exc.args else None
+                    code = error.code() if isinstance(error, KafkaError) else None
+                    if code not in PERMANENT:
+                        raise DeliveryError(f"cannot produce to {topic}: {exc}") from exc
+                    pending.fail(index, code, f"{topic}: {error.str()}")  # type: ignore[union-attr]
+                    break
         index = len(records)
         for topic, partition, key, value in partitioned:
             while True:
@@ -186,15 +215,19 @@ class AsyncProducer:
                     raise DeliveryError(f"cannot produce to {topic}: {exc}") from exc
             index += 1
         await pending.future
-        if pending.errors:
-            raise DeliveryError(
-                f"{len(pending.errors)} record(s) not acknowledged: {pending.errors[0]}"
-            )
         produced: Sequence[Outgoing | Partitioned] = records
         if partitioned:
             produced = [*records]
             produced.extend(partitioned)
-        return Deliveries(produced, pending.partitions, pending.offsets)
+        deliveries = Deliveries(produced, pending.partitions, pending.offsets)
+        if pending.errors:
+            first = min(pending.errors)[2]
+            message = f"{len(pending.errors)} record(s) not acknowledged: {first}"
+            if all(code in PERMANENT for _, code, _ in pending.errors):
+                refused = {index: text for index, _, text in pending.errors}
+                raise RecordsRefused(message, refused, deliveries)
+            raise DeliveryError(message)
+        return deliveries
 
     def flush(self, timeout: float = 30.0) -> int:
         return int(self._producer.flush(timeout))

@@ -91,6 +91,13 @@ STAGE_STOPPED = Gauge(
     ["stage"],
     registry=REGISTRY,
 )
+BATCH_FAILURES = Gauge(
+    "pipeline_batch_failures",
+    "Times in a row a worker of the stage failed on the batch at the partition's committed "
+    "offset (from the failures topic; 0 once a batch gets past it).",
+    ["stage", "topic", "partition"],
+    registry=REGISTRY,
+)
 RETRY_WAIT = Gauge(
     "pipeline_retry_waiting",
     "1 while the retry agent waits for the next retry to come due.",

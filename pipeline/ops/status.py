@@ -71,11 +71,12 @@ from pipeline.errors import BrokerError
 from pipeline.kafka.clients import admin, broker_error, client_config, consumer
 from pipeline.kafka.offsets import committed_offsets, high_watermarks, partitions_of
 from pipeline.kafka.topics import require_topics
+from pipeline.obs.failures import Failure, read_failures
 from pipeline.ops.rewind import group_state, is_live
 from pipeline.settings import Settings
 
 TP = tuple[str, int]
-Verdict = Literal["ok", "idle", "behind", "stalled", "down"]
+Verdict = Literal["ok", "idle", "behind", "stalled", "down", "crash-looping"]
 
 HEALTHY: frozenset[str] = frozenset({"ok", "idle", "behind"})
 DEFAULT_SAMPLE_S = 2.0
@@ -158,6 +159,8 @@ class StageStatus:
     elapsed_s: float
     dlq_by_reason: Mapping[str, int] = field(default_factory=dict)
     last_processed_ms: int | None = None
+    #: batches workers of the stage failed on and no batch got past yet
+    failures: tuple[Failure, ...] = ()
 
     @property
     def live(self) -> bool:
@@ -181,6 +184,8 @@ class StageStatus:
 
     @property
     def verdict(self) -> Verdict:
+        if any(f.looping for f in self.failures):
+            return "crash-looping"
         return verdict(self.lag, self.waiting, self.committed_in_sample, self.live)
 
     @property
@@ -206,6 +211,18 @@ class StageStatus:
             "last_processed_ms": self.last_processed_ms,
             "verdict": self.verdict,
             "healthy": self.healthy,
+            "failures": [
+                {
+                    "topic": f.topic,
+                    "partition": f.partition,
+                    "offset": f.offset,
+                    "last_offset": f.last_offset,
+                    "attempts": f.attempts,
+                    "error": f.error,
+                    "at": iso(f.at_ms),
+                }
+                for f in self.failures
+            ],
         }
 
 
@@ -226,6 +243,10 @@ def problem_line(statuses: Sequence[StageStatus]) -> str | None:
         return None
     parts = []
     for s in bad:
+        if s.verdict == "crash-looping":
+            looping = next(f for f in s.failures if f.looping)
+            parts.append(f"{s.stage} crash-looping ({looping.describe()})")
+            continue
         why = "no live member" if s.verdict == "down" else "no progress during the sample"
         parts.append(f"{s.stage} {s.verdict} (lag {s.lag}, {why})")
     return "unhealthy stage(s): " + "; ".join(parts)
@@ -448,6 +469,9 @@ def collect(settings: Settings, sample_s: float = DEFAULT_SAMPLE_S) -> list[Stag
             client_config(settings), [tp for s in stage_ids for tp in inputs[s]], _READ_TIMEOUT
         )
         groups = {s: group_state(client, settings.group_id(s)) for s in stage_ids}
+        failed: dict[str, list[Failure]] = {}
+        for failure in read_failures(settings):
+            failed.setdefault(failure.stage, []).append(failure)
         since_ms = started_ms - int(settings.runner.commit_interval_s * 1000)
         statuses = []
         for s in stage_ids:
@@ -475,6 +499,11 @@ def collect(settings: Settings, sample_s: float = DEFAULT_SAMPLE_S) -> list[Stag
                     elapsed_s=after[s][0] - before[s][0],
                     dlq_by_reason=dlq[s],
                     last_processed_ms=last[s],
+                    failures=tuple(
+                        f
+                        for f in failed.get(s, ())
+                        if (committed.get((f.topic, f.partition)) or 0) <= f.offset
+                    ),
                 )
             )
         return statuses

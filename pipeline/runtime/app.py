@@ -32,7 +32,7 @@ from typing import Any, NoReturn
 import faust
 
 from dlq import retry
-from pipeline.errors import StageStopped
+from pipeline.errors import ConfigError, StageStopped
 from pipeline.kafka.clients import bootstrap, client_config
 from pipeline.obs import metrics
 from pipeline.obs.health import HEALTH
@@ -48,6 +48,7 @@ from pipeline.settings import Settings
 log = logging.getLogger("pipeline.runner")
 
 EXIT_BUG = 70
+EXIT_CONFIG = 2
 
 
 def build_app(settings: Settings, stage_id: str) -> tuple[StageApp, StageBinding]:
@@ -102,8 +103,10 @@ def build_app(settings: Settings, stage_id: str) -> tuple[StageApp, StageBinding
                 await _stay_stopped(app, binding)
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                _crash(app, stage_id)
+            except ConfigError as exc:
+                _crash(app, stage_id, f"a declaration problem: {exc}", binding, EXIT_CONFIG)
+            except Exception as exc:
+                _crash(app, stage_id, f"unexpected {type(exc).__name__}: {exc}", binding)
 
         return agent
 
@@ -207,12 +210,27 @@ def _due(records: list[Record], now_ms: int) -> list[Record]:
     return list(itertools.takewhile(lambda r: retry.due_at_ms(r.headers) <= now_ms, records))
 
 
-def _crash(app: StageApp, stage_id: str, what: str = "unexpected error") -> NoReturn:
-    log.critical("stage %s: %s, exiting without commit", stage_id, what, exc_info=True)
+def _crash(
+    app: StageApp,
+    stage_id: str,
+    what: str = "unexpected error",
+    binding: StageBinding | None = None,
+    code: int = EXIT_BUG,
+) -> NoReturn:
+    """Exit without committing. The batch being processed (if any) is noted in the
+    failures topic first, so the next worker (and `pipeline status`) can tell a
+    crash loop; the log line names the batch's offsets and the attempt."""
+    line = f"stage {stage_id}: {what}"
+    if binding is not None:
+        try:
+            line = binding.record_failure(what)
+        except Exception:
+            log.warning("could not note the failed batch", exc_info=True)
+    log.critical("%s; exiting without commit", line, exc_info=code == EXIT_BUG)
     if app.run_events is not None:
-        app.run_events.fail(f"stage {stage_id}: {what}")
+        app.run_events.fail(line)
     logging.shutdown()
-    os._exit(EXIT_BUG)
+    os._exit(code)
 
 
 def _pause_inputs(app: StageApp) -> None:

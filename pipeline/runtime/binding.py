@@ -29,6 +29,7 @@ from pipeline.kafka.clients import client_config, producer
 from pipeline.kafka.offsets import high_watermarks
 from pipeline.kafka.produce import AsyncProducer
 from pipeline.obs import metrics, tracing
+from pipeline.obs.failures import FailureLog
 from pipeline.obs.health import HEALTH
 from pipeline.records import Deliveries, Outgoing, Partitioned, Record
 from pipeline.runtime.quiet import PipelineQuiet
@@ -160,6 +161,13 @@ class StageBinding:
             on_state=self._apply_state,
             spans=_spans(stage_id),
             failpoint=failpoints.hit,
+            max_message_bytes=settings.runner.max_message_bytes,
+            topic_limits={
+                name: spec.max_message_bytes
+                for name, spec in settings.topics.items()
+                if spec.max_message_bytes is not None
+            },
+            dlq_max_bytes=settings.dlq.max_payload_bytes,
         )
         self.lock = asyncio.Lock()
         self._ready_lock = asyncio.Lock()
@@ -173,7 +181,11 @@ class StageBinding:
             settings, stage_id, ttl=max(0.5, spec.idle_timeout_s / 2)
         )
         self._quiet_since: float | None = None
+        #: the batch being processed: (topic, partition, first offset, last offset)
+        self.current: tuple[str, int, int, int] | None = None
+        self.failures = FailureLog(settings, stage_id)
         HEALTH.watch(f"{stage_id}_batch", self.stuck)
+        HEALTH.watch(f"{stage_id}_crash_loop", self.crash_looping)
 
     @property
     def stateful(self) -> bool:
@@ -183,6 +195,11 @@ class StageBinding:
     def ticks(self) -> bool:
         """Does the stage's watermark advance while idle (a stateful event-time stage)?"""
         return self.stateful and getattr(self.engine, "_event_time", None) is not None
+
+    def crash_looping(self) -> str | None:
+        """A liveness problem while workers keep failing on one batch."""
+        looping = [f for f in self.failures.known.values() if f.looping]
+        return looping[0].describe() if looping else None
 
     def stuck(self) -> str | None:
         """A liveness problem if one batch has been processing for too long."""
@@ -200,6 +217,13 @@ class StageBinding:
         the garbage collector for batch work (:func:`tune_gc`)."""
         async with self._ready_lock:
             if not self._ready:
+                loop = asyncio.get_running_loop()
+                known = await loop.run_in_executor(None, self.failures.load)
+                for failure in known.values():
+                    metrics.BATCH_FAILURES.labels(
+                        self.stage_id, failure.topic, str(failure.partition)
+                    ).set(failure.attempts)
+                    log.error("%s; processing it again", failure.describe())
                 for name, table in self.lookup_tables.items():
                     await self._caught_up(name, table)
                 self._ready = True
@@ -240,16 +264,58 @@ class StageBinding:
             if self.stopped is not None:
                 raise StageStopped(self.stopped)
             self.busy_since = time.monotonic()
+            if records:
+                first, last = records[0], records[-1]
+                self.current = (first.topic, partition, first.offset, last.offset)
             try:
                 if self.stateful:
                     self._ensure_loaded(partition)
                 report = await self.runner.handle(partition, records)
             except BudgetExceeded as exc:
-                self.stop(str(exc))
+                where = self._where()
+                self.stop(f"{exc} ({where})" if where else str(exc))
                 raise StageStopped(str(exc)) from None
             finally:
                 self.busy_since = None
+            self.current = None
         self._account(report, time.perf_counter() - started)
+        if self.failures.known and records:
+            await self._passed(records[0].topic, partition, records[0].offset, records[-1].offset)
+
+    def _where(self) -> str | None:
+        """The batch being processed, for a log line."""
+        if self.current is None:
+            return None
+        topic, partition, first, last = self.current
+        return f"batch {topic}[{partition}] offsets {first}-{last}"
+
+    async def _passed(self, topic: str, partition: int, first: int, last: int) -> None:
+        loop = asyncio.get_running_loop()
+        failure = await loop.run_in_executor(
+            None, self.failures.passed, topic, partition, first, last
+        )
+        if failure is not None:
+            metrics.BATCH_FAILURES.labels(self.stage_id, topic, str(partition)).set(0)
+            log.warning(
+                "stage %s: %s[%d] got past offset %d, where it had failed %d time(s)",
+                self.stage_id,
+                topic,
+                partition,
+                failure.offset,
+                failure.attempts,
+            )
+
+    def record_failure(self, error: str) -> str:
+        """Before the worker exits on the current batch: note it in the failures topic;
+        returns the line to log (which batch, which attempt)."""
+        if self.current is None:
+            return f"stage {self.stage_id}: {error}"
+        topic, partition, first, last = self.current
+        failure = self.failures.record(topic, partition, first, last, error)
+        return (
+            f"stage {self.stage_id}: {error} on {topic}[{partition}] offsets {first}-{last} "
+            f"(attempt {failure.attempts} on this batch)"
+        )
 
     def _account(self, report: BatchReport, seconds: float | None) -> None:
         result = report.result

@@ -28,7 +28,7 @@ from dlq import envelope
 from pipeline import contract
 from pipeline.engine.build import build_engine
 from pipeline.engine.runner import BatchReport, StageRunner
-from pipeline.errors import DeliveryError
+from pipeline.errors import DeliveryError, RecordsRefused
 from pipeline.lineage.hops import expand
 from pipeline.records import Deliveries, Outgoing, Partitioned, Record
 from pipeline.registry import resolve
@@ -112,16 +112,23 @@ class Produced:
 
 class MemoryProducer:
     """The runner's producer, in memory: every record acknowledged at once with the
-    next offset of its topic partition (keys partitioned as Kafka does), unless
-    ``refuse`` says no (then :class:`DeliveryError`, as a broker's refusal)."""
+    next offset of its topic partition (keys partitioned as Kafka does). A record
+    larger than ``max_message_bytes`` (key, value and headers), or one ``refuse``
+    names a reason for, is refused for good as a broker would (the others are
+    written; :class:`RecordsRefused`); ``fail`` makes a whole batch fail as a lost
+    broker would (:class:`DeliveryError`, nothing written)."""
 
     def __init__(
         self,
         partitions: Mapping[str, int] | None = None,
         refuse: Callable[[str, bytes | None, bytes | None], str | None] | None = None,
+        max_message_bytes: int | None = None,
+        fail: Callable[[], str | None] | None = None,
     ) -> None:
         self.partitions = dict(partitions or {})
         self.refuse = refuse
+        self.max_message_bytes = max_message_bytes
+        self.fail = fail
         self.log: list[Produced] = []
         self._next: dict[tuple[str, int], int] = {}
 
@@ -145,14 +152,18 @@ class MemoryProducer:
     async def send_batch(
         self, records: Sequence[Outgoing], partitioned: Sequence[Partitioned] = ()
     ) -> Deliveries:
-        if self.refuse is not None:
-            for topic, key, value, *_ in records:
-                why = self.refuse(topic, key, value)
-                if why:
-                    raise DeliveryError(f"1 record(s) not acknowledged: {topic}: {why}")
+        if self.fail is not None and (why := self.fail()):
+            raise DeliveryError(f"{len(records)} record(s) not acknowledged: {why}")
+        refused: dict[int, str] = {}
         parts: list[int] = []
         offs: list[int] = []
-        for topic, key, value, headers, ts in records:
+        for index, (topic, key, value, headers, ts) in enumerate(records):
+            why = self._refused(topic, key, value, headers)
+            if why:
+                refused[index] = f"{topic}: {why}"
+                parts.append(-1)
+                offs.append(-1)
+                continue
             p = self._append(topic, None, key, value, headers, ts)
             parts.append(p.partition)
             offs.append(p.offset)
@@ -161,7 +172,26 @@ class MemoryProducer:
             parts.append(p.partition)
             offs.append(p.offset)
         produced: list[Outgoing | Partitioned] = [*records, *partitioned]
-        return Deliveries(produced, parts, offs)
+        deliveries = Deliveries(produced, parts, offs)
+        if refused:
+            first = min(refused.items())[1]
+            raise RecordsRefused(
+                f"{len(refused)} record(s) not acknowledged: {first}", refused, deliveries
+            )
+        return deliveries
+
+    def _refused(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes | None,
+        headers: Sequence[tuple[str, bytes]],
+    ) -> str | None:
+        if self.max_message_bytes is not None:
+            size = len(key or b"") + len(value or b"") + sum(len(k) + len(v) for k, v in headers)
+            if size > self.max_message_bytes:
+                return f"Broker: Message size too large ({size} > {self.max_message_bytes})"
+        return self.refuse(topic, key, value) if self.refuse is not None else None
 
     def topic(self, name: str) -> list[Produced]:
         return [p for p in self.log if p.topic == name]
@@ -223,6 +253,9 @@ class StageHarness:
         lineage_topic: str | None = "lineage",
         lane_targets: Mapping[str, tuple[str, ...]] | None = None,
         producer: MemoryProducer | None = None,
+        max_message_bytes: int = 1_000_000,
+        topic_limits: Mapping[str, int] | None = None,
+        dlq_max_bytes: int = 262_144,
     ) -> None:
         definition = resolve(stage_id, stage) if isinstance(stage, str) else stage
         self.clock = clock or FakeClock()
@@ -266,6 +299,9 @@ class StageHarness:
             lane_targets=lane_targets,
             clock=self.clock,
             on_state=self._apply_state,
+            max_message_bytes=max_message_bytes,
+            topic_limits=topic_limits,
+            dlq_max_bytes=dlq_max_bytes,
         )
 
     def _apply_state(self, partition: int, writes: list[tuple[bytes, bytes | None]]) -> None:

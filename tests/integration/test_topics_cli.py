@@ -108,3 +108,34 @@ def test_a_worker_without_a_broker_exits_3_after_its_connect_timeout():
     assert proc.returncode == 3, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: no Kafka broker answered at"), lines
+
+
+def test_the_producing_commands_on_an_unreachable_broker_exit_3_with_one_line(tmp_path):
+    """`devices load` and `simulate` wait for acknowledgements and, when none come,
+    say so in one line (no traceback), like every other command."""
+    from pipeline.kafka.embedded import free_port
+
+    registry = tmp_path / "devices.csv"
+    registry.write_text("device_id,site,device_type,unit\ndev-1,site-a,thermometer,C\n")
+    env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{free_port()}"}
+    commands = {
+        "devices load": ["devices", "load", str(registry)],
+        "simulate": ["simulate", "--duration", "0.5", "--rate", "10"],
+    }
+    procs = {
+        name: subprocess.Popen(
+            [sys.executable, "-m", "pipeline.cli", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=REPO,
+        )
+        for name, args in commands.items()
+    }
+    for name, proc in procs.items():
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 3, (name, err)
+        assert err.count("\n") == 1 and err.startswith("error: "), (name, err)
+        assert "Traceback" not in err
+        assert "not acknowledged" in err or "check that the broker is up" in err, (name, err)

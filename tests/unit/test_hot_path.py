@@ -20,7 +20,7 @@ from dlq import retry
 from dlq.envelope import DeadLetter
 from pipeline import contract
 from pipeline.engine.result import BatchResult
-from pipeline.errors import DeliveryError
+from pipeline.errors import DeliveryError, RecordsRefused
 from pipeline.kafka.produce import AsyncProducer
 from pipeline.lineage import hops as lineage
 from pipeline.records import Delivered, Deliveries, OutRecord, Record
@@ -175,10 +175,11 @@ class FakeMessage:
 class FakeProducer:
     """Acknowledges from its poll thread, partitions in any order."""
 
-    def __init__(self, fail: set[int] | None = None) -> None:
+    def __init__(self, fail: set[int] | None = None, code: int = -192) -> None:
         self.pending: list[tuple[object, str, dict]] = []
         self.lock = threading.Lock()
         self.fail = fail or set()
+        self.code = code  # of the failures: _MSG_TIMED_OUT (transient) by default
         self.produced = 0
 
     def produce(self, topic, value, key, partition=None, **kwargs):
@@ -196,10 +197,16 @@ class FakeProducer:
             if index in self.fail:
 
                 class Err:
+                    def __init__(self, code: int) -> None:
+                        self._code = code
+
                     def str(self) -> str:
                         return "broker said no"
 
-                err = Err()
+                    def code(self) -> int:
+                        return self._code
+
+                err = Err(self.code)
             callback(err, FakeMessage(topic, index % 3, 1000 + index))
             del n
         threading.Event().wait(min(timeout, 0.01))
@@ -260,6 +267,18 @@ def test_send_batch_raises_when_a_record_is_not_acknowledged():
         assert len(asyncio.run(producer.send_batch([]))) == 0
     finally:
         producer.close()
+
+
+def test_records_refused_for_good_are_told_apart_from_a_failed_batch():
+    producer = AsyncProducer(FakeProducer(fail={3, 9}, code=10))  # type: ignore[arg-type]
+    try:
+        with pytest.raises(RecordsRefused) as refused:
+            asyncio.run(producer.send_batch(outgoing(20)))
+    finally:
+        producer.close()
+    assert sorted(refused.value.refused) == [3, 9]
+    delivered = refused.value.deliveries
+    assert delivered.offsets[4] == 1004  # the others were written
 
 
 # -- lineage hops -----------------------------------------------------------------

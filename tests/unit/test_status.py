@@ -157,6 +157,7 @@ def test_report_json_shape():
         "last_processed_ms",
         "verdict",
         "healthy",
+        "failures",
     }
     assert ingest["lag"] == 200 and ingest["live"] is False and ingest["verdict"] == "down"
     assert ingest["partitions"] == [
@@ -231,3 +232,20 @@ def test_formatting_helpers():
         "2h",
         "2d",
     ]
+
+
+def test_a_batch_failed_twice_in_a_row_is_a_crash_loop_even_with_progress():
+    from dataclasses import replace
+
+    from pipeline.obs.failures import Failure
+
+    once = Failure("parse", "parse.in", 3, 120, 130, 1, "ZeroDivisionError: division by zero", 0)
+    first = replace(stage("parse", [(10, 50)], committed=5), failures=(once,))
+    assert first.verdict == "behind" and first.healthy  # one failure is a restart
+    again = replace(first, failures=(replace(once, attempts=2),))
+    assert again.verdict == "crash-looping" and not again.healthy
+    line = problem_line([again])
+    assert line is not None and "parse crash-looping" in line
+    assert "parse.in[3] at offset 120" in line and "ZeroDivisionError" in line
+    (shown,) = report_json([again], 2.0)["stages"][0]["failures"]
+    assert shown["attempts"] == 2 and shown["offset"] == 120 and shown["last_offset"] == 130
