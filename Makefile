@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed-stamp
 BENCH_VENV ?= .venv-bench
 BENCH_STAMP := $(BENCH_VENV)/.installed-stamp
 
-.PHONY: install demo test test-unit test-integration test-helm test-reliability lint fmt clean bench bench-backfill
+.PHONY: install system-deps demo test test-unit test-integration test-helm test-reliability lint fmt clean bench bench-backfill
 
 install: $(STAMP)
 
@@ -35,20 +35,24 @@ bench: $(BENCH_STAMP)
 bench-backfill: $(BENCH_STAMP)
 	$(BENCH_VENV)/bin/python bench/backfill.py $(BENCH_ARGS)
 
+# PostgreSQL and Mosquitto from Debian, for the tests that run them (.ci/system-deps.sh)
+system-deps:
+	@bash .ci/system-deps.sh
+
 demo: install
 	$(BIN)/pipeline demo $(DEMO_ARGS)
 
-test: install
+test: install system-deps
 	$(BIN)/pytest --ignore=tests/reliability
 
 # Crash, restart and bad-input scenarios (several minutes); CI runs them too.
-test-reliability: install
+test-reliability: install system-deps
 	$(BIN)/pytest tests/reliability
 
 test-unit: install
 	$(BIN)/pytest tests/unit
 
-test-integration: install
+test-integration: install system-deps
 	$(BIN)/pytest tests/integration
 
 test-helm: install

@@ -40,7 +40,8 @@ from pipeline.ops.status import (
 def status(ctx: click.Context, as_json: bool, sample_s: float) -> None:
     """Per stage: group state and members, lag per input partition, throughput,
     dead letters by reason, last output record and a verdict (ok, idle, behind,
-    stalled, down). Exits 1 if any stage is stalled or down."""
+    stalled, down, crash-looping). Exits 1 if any stage is stalled, down or
+    crash-looping (its workers failed on the same batch twice in a row)."""
     settings = settings_from(ctx)
     statuses = collect(settings, sample_s)
     if as_json:
