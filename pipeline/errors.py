@@ -11,6 +11,10 @@
     │   └── DeliveryError   the broker did not acknowledge a produced record
     │       └── RecordsRefused  ... and never will (too large, invalid): those
     │                           records become ``unwritable`` dead letters
+    ├── Unavailable      a system outside Kafka that the stage needs (a database,
+    │                    an object store) cannot be reached: the batch is retried
+    │                    whole, in place, with backoff; nothing is dead-lettered
+    │                    or committed meanwhile, and /readyz answers 503
     ├── BudgetExceeded   a stage dead-lettered more than its budget allows
     └── StageStopped     the stage stopped consuming (its budget); the batch was
                          not delivered
@@ -69,6 +73,21 @@ class RecordsRefused(DeliveryError):
         super().__init__(message)
         self.refused = refused
         self.deliveries = deliveries
+
+
+class Unavailable(PipelineError):
+    """A system outside Kafka that the stage depends on (a sink's database or object
+    store) cannot be reached, or answers that it cannot take writes now.
+
+    Not the record's fault: the engine neither dead-letters nor retries single
+    records for it. The runtime holds the whole batch, marks the worker not ready,
+    waits with backoff and runs the batch again until it goes through (or the
+    partition moves to another worker). ``dependency`` names the system (a metric
+    label: keep it a fixed word such as ``postgres``)."""
+
+    def __init__(self, dependency: str, message: str) -> None:
+        super().__init__(message)
+        self.dependency = dependency
 
 
 class BudgetExceeded(PipelineError):

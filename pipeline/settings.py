@@ -205,6 +205,12 @@ class RunnerSettings(_Frozen):
     fetch_max_wait_ms: int = Field(default=500, ge=1, le=30_000)
     #: the longest a backfill-lane batch waits for live input to drain first
     backfill_max_defer_s: float = Field(default=5.0, ge=0)
+    #: a batch that met an unreachable dependency (errors.Unavailable) runs again after
+    #: this long, doubling up to ``unavailable_backoff_max_s``
+    unavailable_backoff_s: float = Field(default=0.5, gt=0)
+    unavailable_backoff_max_s: float = Field(default=15.0, gt=0)
+    #: a buffering sink's ``flush_due`` runs this often (time-based file rolling)
+    sink_flush_interval_s: float = Field(default=1.0, gt=0)
     #: the largest record a worker produces (the producer's ``message.max.bytes``);
     #: a larger output is an ``unwritable`` dead letter, never a crash
     max_message_bytes: int = Field(default=1_000_000, ge=4096, le=1_000_000_000)
@@ -387,7 +393,30 @@ class _YamlSource(PydanticBaseSettingsSource):
             return {}
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path} must hold a mapping at the top level")
+        _no_secrets_in_file(data, path)
         return data
+
+
+#: settings that are secrets: never in pipeline.yaml, always from the environment
+#: (a Kubernetes Secret) or a file
+SECRET_NAMES = frozenset({"password", "api_key", "token", "secret"})
+
+
+def _no_secrets_in_file(data: Mapping[str, Any], path: Path) -> None:
+    stages = data.get("stages")
+    if not isinstance(stages, dict):
+        return
+    for stage_id, spec in stages.items():
+        config = spec.get("config") if isinstance(spec, dict) else None
+        if not isinstance(config, dict):
+            continue
+        for name in config:
+            if str(name).lower() in SECRET_NAMES:
+                raise ConfigError(
+                    f"stages.{stage_id}.config.{name} is a secret: remove it from {path} and "
+                    f"give it as PIPELINE_STAGES__{str(stage_id).upper()}__CONFIG__"
+                    f"{str(name).upper()} (e.g. from a Kubernetes Secret)"
+                )
 
 
 def namespaced(doc: Mapping[str, Any], tag: str) -> dict[str, Any]:

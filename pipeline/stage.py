@@ -1,7 +1,7 @@
 """Writing a stage: the ``@stage`` decorator, :class:`StageContext`, :class:`State`.
 
 A stage is plain Python written against this module; the engine (``pipeline.engine``)
-runs it and the runtime (``pipeline.runtime``) binds it to Kafka. Four forms:
+runs it and the runtime (``pipeline.runtime``) binds it to Kafka. Five forms:
 
 * **per record**: ``fn(record, ctx) -> None | Emit | Iterable[Emit]``;
 * **batch** (``@stage(batch=True)``): ``fn(records, ctx, out) -> None``, calling
@@ -18,7 +18,14 @@ runs it and the runtime (``pipeline.runtime``) binds it to Kafka. Four forms:
   backfill lane ends), ``next_deadline(state) -> int | None`` (the watermark at
   which ``on_watermark`` has work; idle advances are written only then),
   ``on_end_of_lane(state) -> emits`` and ``on_restore(state)`` (rebuild in-memory
-  indexes after state was loaded from the changelog).
+  indexes after state was loaded from the changelog);
+* a **sink** (a class with ``write``, see :class:`Sink`): a stage whose effect is
+  outside Kafka (a table, files). It has no output topic; it reports where each
+  record landed (``out.stored(record, ref)``: a ``stored`` lineage hop) and, if it
+  buffers, which offsets are durable, since the runtime commits no offset before its
+  records are. A sink runs off the event loop (it may block on I/O) and raises
+  :class:`~pipeline.errors.Unavailable` when its destination cannot be reached:
+  the batch is then run again, whole, until it goes through.
 
 Raising :class:`~pipeline.errors.InvalidMessage` dead-letters the record with its
 reason; :class:`~pipeline.errors.RetryableError` retries it with backoff (then
@@ -140,6 +147,45 @@ class Outputs(Protocol):
         """``source`` repeats a record already handled: counted, not written."""
 
 
+class SinkOutputs(Outputs, Protocol):
+    """What a sink tells the engine, besides dead letters (see :class:`Sink`)."""
+
+    def stored(self, source: Record, ref: Any) -> None:
+        """``source`` is stored at ``ref`` (JSON-able: a row's key, a file's path)."""
+
+    def durable(self, topic: str, partition: int, through: int) -> None:
+        """Every record of ``topic[partition]`` up to offset ``through`` is durable
+        (a buffering sink: its offsets may be committed now)."""
+
+
+class Sink(Protocol):
+    """A stage whose effect is outside Kafka. Contract with the engine:
+
+    * ``write(records, out)`` gets one partition's records in offset order. It
+      stores them (or buffers them: ``buffers = True``), calls ``out.stored`` for
+      each record stored and ``out.dead_letter`` for each it refuses (bad input, a
+      row the destination refuses). It must leave no effect when it raises: the
+      engine then runs the records one at a time to find the bad one (an
+      unexpected exception), or the runtime runs the whole batch again later
+      (:class:`~pipeline.errors.Unavailable`). Storing must be idempotent: after a
+      crash a record is written again (an upsert, a file rewritten under the same
+      name), which is how at-least-once delivery gives exactly-once results.
+    * A sink that does not buffer has stored a batch when ``write`` returns; its
+      offsets may be committed then. One that buffers reports what became durable
+      with ``out.durable(topic, partition, through)``, from ``write`` or from
+      ``flush_due(now, out)``, which the runtime calls about once a second (for
+      time-based rolling); the runtime commits those offsets at once, and none
+      before.
+    * ``drop()``: forget everything buffered and not yet durable; the runtime
+      calls it before its partitions move to another worker, which gets those
+      records again. ``close()``: the worker stops.
+    """
+
+    buffers: bool
+
+    def write(self, records: Sequence[Record], out: SinkOutputs) -> None: ...
+
+
 class Lookup:
     """A read-only table a stage joins (a compacted topic, kept current by the
     runtime): ``get(key)`` gives the latest value, decoded by ``decode`` if given
@@ -239,7 +285,7 @@ class StageDef:
 
     name: str
     build: Callable[[StageContext], Any]
-    kind: Literal["record", "batch"]
+    kind: Literal["record", "batch", "sink"]
     stateful: bool = False
     reasons: Mapping[str, str] = field(default_factory=dict)
     config_model: type[BaseModel] | None = None
@@ -318,13 +364,20 @@ def stage(
                     "(a-z, 0-9, _; it is a metric label)"
                 )
         if inspect.isclass(target):
-            kind: Literal["record", "batch"] = (
-                "batch" if hasattr(target, "process_batch") else "record"
+            kind: Literal["record", "batch", "sink"] = (
+                "sink"
+                if hasattr(target, "write")
+                else "batch"
+                if hasattr(target, "process_batch")
+                else "record"
             )
             if not hasattr(target, "process") and kind == "record":
                 raise ConfigError(
-                    f"stage class {target.__qualname__} needs process() or process_batch()"
+                    f"stage class {target.__qualname__} needs process(), process_batch() "
+                    "or write() (a sink)"
                 )
+            if kind == "sink" and stateful:
+                raise ConfigError(f"sink {target.__qualname__} cannot be stateful")
             build: Callable[[StageContext], Any] = target
         else:
             kind = "batch" if batch else "record"

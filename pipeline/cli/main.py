@@ -26,6 +26,7 @@ from pipeline.cli.common import (
 from pipeline.cli.dlq import dlq
 from pipeline.cli.lineage import lineage_group
 from pipeline.cli.replay import replay
+from pipeline.cli.sink import sink
 from pipeline.cli.status import status
 from pipeline.cli.topology import topology
 from pipeline.kafka.clients import install_log_filter
@@ -267,6 +268,7 @@ cli.add_command(lineage_group)
 cli.add_command(status)
 cli.add_command(backfill)
 cli.add_command(topology)
+cli.add_command(sink)
 
 
 def main() -> None:

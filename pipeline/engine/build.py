@@ -9,6 +9,7 @@ from typing import Any
 
 from pipeline.engine.emit import Emitter
 from pipeline.engine.process import StatelessEngine
+from pipeline.engine.sink import SinkEngine
 from pipeline.engine.stateful import StatefulEngine
 from pipeline.errors import ConfigError
 from pipeline.registry import resolve
@@ -47,6 +48,11 @@ def check_declaration(stage_id: str, spec: StageSpec, definition: StageDef) -> N
             f"stage {stage_id} ({definition.name}) keeps no state; remove "
             f"stages.{stage_id}.state_topic"
         )
+    if definition.kind == "sink" and spec.all_outputs:
+        raise ConfigError(
+            f"stage {stage_id} ({definition.name}) is a sink: its effect is outside Kafka; "
+            f"remove stages.{stage_id}.output/outputs"
+        )
     definition.make_config(stage_id, spec.config)  # ConfigError naming the setting
 
 
@@ -74,4 +80,6 @@ def build_engine(
         return StatefulEngine(
             stage_id, definition, ctx, emitter, spec.on_error, spec.idle_timeout_s, clock
         )
+    if definition.kind == "sink":
+        return SinkEngine(stage_id, definition, ctx, emitter, spec.on_error)
     return StatelessEngine(stage_id, definition, ctx, emitter, spec.on_error)

@@ -2,9 +2,11 @@
 
 Every input record is accounted for exactly once: written (``outputs`` with its
 offset as ``source_offset``), dead-lettered (``dead`` / ``rejected_offsets``),
-waiting for a retry (``retryable``), a ``duplicate``, ``counted`` into state, or
-``dropped`` (the stage wrote nothing for it). It is also the :class:`Outputs` a
-batch stage writes to.
+waiting for a retry (``retryable``), a ``duplicate``, ``counted`` into state,
+``stored`` by a sink (``stored_at``; a buffering sink's record may be stored by a
+later batch or flush), or ``dropped`` (the stage wrote nothing for it). It is also
+the :class:`Outputs` a batch stage writes to, and the
+:class:`~pipeline.stage.SinkOutputs` a sink writes to.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ class BatchResult:
         "declared",
         "dropped",
         "duplicates",
+        "durable_through",
         "emitted_from_state",
         "emitter",
         "lanes_ended",
@@ -56,6 +59,7 @@ class BatchResult:
         "retried",
         "retryable",
         "stage_id",
+        "stored_at",
         "writes",
     )
 
@@ -83,6 +87,10 @@ class BatchResult:
         self.emitted_from_state = 0
         #: backfill lanes this batch ended
         self.lanes_ended: list[str] = []
+        #: a sink's stored records: (topic, partition, offset, lineage id, where)
+        self.stored_at: list[tuple[str, int, int, str, Any]] = []
+        #: a sink's durable offsets: (topic, partition) -> last offset durable
+        self.durable_through: dict[tuple[str, int], int] = {}
 
     # -- Outputs (what a batch stage calls) ----------------------------------------
     def emit(
@@ -120,6 +128,17 @@ class BatchResult:
 
     def duplicate(self, source: Record) -> None:
         self.duplicates += 1
+
+    def stored(self, source: Record, ref: Any) -> None:
+        lineage = source.lineage_id or entry_lineage_id(
+            source.timestamp_ms, source.topic, source.partition, source.offset
+        )
+        self.stored_at.append((source.topic, source.partition, source.offset, lineage, ref))
+
+    def durable(self, topic: str, partition: int, through: int) -> None:
+        tp = (topic, partition)
+        if through > self.durable_through.get(tp, -1):
+            self.durable_through[tp] = through
 
     # -- the engine's side ------------------------------------------------------------
     def reject(

@@ -25,6 +25,7 @@ live records downstream.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -38,7 +39,7 @@ from dlq.reasons import UNWRITABLE
 from pipeline.engine.result import BatchResult
 from pipeline.engine.retry import route_retries
 from pipeline.errors import InvalidMessage, RecordsRefused
-from pipeline.lineage.hops import batch_hops
+from pipeline.lineage.hops import batch_hops, stored_hops
 from pipeline.records import Deliveries, Outgoing, OutRecord, Partitioned, Record
 from pipeline.settings import StageSpec
 
@@ -63,6 +64,11 @@ class BatchReport:
     produced: dict[str, int] = field(default_factory=dict)
     #: dead letters per reason
     dead_by_reason: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def durable(self) -> dict[tuple[str, int], int]:
+        """A sink's durable offsets, (topic, partition) -> last offset durable."""
+        return self.result.durable_through
 
 
 log = logging.getLogger("pipeline.engine")
@@ -112,6 +118,8 @@ class StageRunner:
         self.max_message_bytes = max_message_bytes
         self.topic_limits = dict(topic_limits or {})
         self.dlq_max_bytes = min(dlq_max_bytes, self._limit(spec.dlq))
+        #: a sink: run the stage in a thread (it may block on I/O)
+        self.blocking = bool(getattr(engine, "blocking", False))
 
     # -- routing -------------------------------------------------------------------------
     def _targets(self, topic: str | None, lane_batch: bool) -> tuple[str, ...]:
@@ -204,7 +212,10 @@ class StageRunner:
         BudgetExceeded (nothing delivered) or DeliveryError (not acknowledged)."""
         self.failpoint("batch-stall")
         start_ns = time.time_ns()
-        result = self.engine.process(partition, records)
+        if self.blocking:  # a sink: it may wait on I/O, the event loop must not
+            result = await asyncio.to_thread(self.engine.process, partition, records)
+        else:
+            result = self.engine.process(partition, records)
         if self.spans is not None:
             self.spans(records, result, start_ns)
         retry_limit = self._limit(self.retry_topic) if self.retry_topic else None
@@ -238,6 +249,10 @@ class StageRunner:
                 self.retry_topic,
                 self.spec.dlq,
             )
+            if result.stored_at:
+                hops += stored_hops(
+                    self.stage_id, self.lineage_topic, result.stored_at, int(self.clock() * 1000)
+                )
         writes = self._state_writes(partition, result)
         await self.producer.send_batch(hops, writes)
         if self.on_state is not None and result.writes:
@@ -324,6 +339,25 @@ class StageRunner:
         if self.on_state is not None and result.writes:
             self.on_state(partition, result.writes)
         return self._report((), result, [], topics)
+
+    async def flush(self) -> BatchReport | None:
+        """Let a sink flush what is due (time-based rolling); deliver its dead letters
+        and ``stored`` hops. None when the stage is no sink or nothing was due."""
+        flush = getattr(self.engine, "flush", None)
+        if flush is None:
+            return None
+        result = await asyncio.to_thread(flush, self.clock())
+        if result is None:
+            return None
+        now_ms = int(self.clock() * 1000)
+        batch = [self._dead_letter(d, now_ms) for d in result.dead]
+        if batch:
+            await self.producer.send_batch(batch)
+        if self.lineage_topic is not None and result.stored_at:
+            await self.producer.send_batch(
+                stored_hops(self.stage_id, self.lineage_topic, result.stored_at, now_ms)
+            )
+        return self._report((), result, [], [])
 
     def _state_writes(self, partition: int, result: BatchResult) -> list[Partitioned]:
         topic = self.spec.state_topic

@@ -13,6 +13,7 @@ A hop says what one stage did with one record::
 * ``counted``: a stateful stage absorbed it into ``window`` (the state's reference,
   e.g. [device, metric, window start ms]); the result is the stage's output record
   whose ``state-ref`` header is that reference;
+* ``stored``: a sink stored it outside Kafka, at ``ref`` (a row's key, a file);
 * ``dropped``: the stage wrote nothing for it (a filter).
 
 A record one stage split into several (a fan-out) has a hop per child, under the
@@ -60,7 +61,7 @@ from pipeline.engine.result import BatchResult
 from pipeline.records import Delivered, Deliveries, Outgoing, Record
 
 PASSED, DEAD_LETTER, RETRY, COUNTED = "passed", "dead_letter", "retry", "counted"
-DROPPED = "dropped"
+DROPPED, STORED = "dropped", "stored"
 
 FORMAT = 2
 #: hops per lineage record at most (keeps a record far below Kafka's 1 MB limit)
@@ -224,7 +225,44 @@ def batch_hops(
     ]
 
 
-_COLUMNS = ("in_offsets", "in", "partitions", "offsets", "reasons", "windows", "outs", "parents")
+def stored_hops(
+    stage: str,
+    topic: str,
+    stored: Sequence[tuple[str, int, int, str, Any]],
+    now_ms: int,
+) -> list[Outgoing]:
+    """The ``stored`` hops of a sink's records, ``(topic, partition, offset, lineage
+    id, ref)`` each: one lineage record per input partition (format 2, a ``stored``
+    group with ``refs`` beside ``ids``)."""
+    by_partition: dict[tuple[str, int], list[tuple[int, str, Any]]] = {}
+    for in_topic, in_partition, offset, lineage_id, ref in stored:
+        by_partition.setdefault((in_topic, in_partition), []).append((offset, lineage_id, ref))
+    out: list[Outgoing] = []
+    for (in_topic, in_partition), items in by_partition.items():
+        group = {
+            "outcome": STORED,
+            "ids": " ".join(lineage_id for _, lineage_id, _ in items),
+            "in_offsets": [offset for offset, _, _ in items],
+            "refs": [ref for _, _, ref in items],
+        }
+        key = f"{stage}/{in_topic}/{in_partition}".encode()
+        head = {"v": FORMAT, "stage": stage, "at": now_ms, "in": [in_topic, in_partition]}
+        for chunk in _chunks([(group, len(items))]):
+            out.append((topic, key, orjson.dumps({**head, "groups": chunk}), [], None))
+    return out
+
+
+_COLUMNS = (
+    "in_offsets",
+    "in",
+    "partitions",
+    "offsets",
+    "reasons",
+    "windows",
+    "outs",
+    "parents",
+    "refs",
+)
 
 
 def _chunks(groups: list[tuple[dict[str, Any], int]]) -> list[list[dict[str, Any]]]:
@@ -286,6 +324,8 @@ def expand(value: bytes | None) -> list[dict[str, Any]]:
                 hop["reason"] = group["reasons"][i]
             if "windows" in group:
                 hop["window"] = group["windows"][i]
+            if "refs" in group:
+                hop["ref"] = group["refs"][i]
             if parents is not None and parents[i]:
                 hop["parent"] = parents[i]
             hop["at"] = at

@@ -9,8 +9,9 @@ they happened, plus:
 * the **results** its ``counted`` hops name: the counting stage's output records
   whose ``state-ref`` header is the hop's reference (e.g. the window).
 
-How it ended: ``window`` (counted, result found), ``dead_letter``, ``dropped``
-(filtered out), ``output`` (written to a topic no stage reads), ``fanned_out``
+How it ended: ``window`` (counted, result found), ``stored`` (a sink stored it;
+the hop's ``ref`` says where), ``dead_letter``, ``dropped`` (filtered out),
+``output`` (written to a topic no stage reads), ``fanned_out``
 (split into children), or ``in_flight`` / ``unknown``.
 """
 
@@ -25,10 +26,10 @@ import orjson
 from pipeline.contract import H_STATE_REF
 from pipeline.errors import ConfigError
 from pipeline.kafka.offsets import read_topic
-from pipeline.lineage.hops import COUNTED, DEAD_LETTER, DROPPED, PASSED, expand
+from pipeline.lineage.hops import COUNTED, DEAD_LETTER, DROPPED, PASSED, STORED, expand
 from pipeline.settings import Settings
 
-COMPLETE_ENDS = ("window", "dead_letter", "dropped", "output", "fanned_out")
+COMPLETE_ENDS = ("window", "stored", "dead_letter", "dropped", "output", "fanned_out")
 
 
 def partition_for(key: bytes, partitions: int) -> int:
@@ -81,6 +82,8 @@ def _end(
         return "dead_letter"
     if outcome == DROPPED:
         return "dropped"
+    if outcome == STORED:
+        return "stored"
     if outcome == PASSED and last.get("out") and last["out"][0] in final_topics:
         return "output"
     return "in_flight"

@@ -5,7 +5,8 @@
   processing for longer than ``runner.liveness_timeout_s``, or the event loop
   has not ticked for that long (something blocks it).
 * ``/readyz`` answers 200 once the worker has its partitions and its tables are
-  recovered.
+  recovered, and 503 while any liveness problem is reported or a part of the worker
+  is not ready (:meth:`Health.not_ready`: a sink's destination is unreachable).
 
 The server binds to ``metrics_host`` (127.0.0.1 by default). There are no table
 browsing or debug routes; every other path is 404.
@@ -30,6 +31,7 @@ class Health:
         self._lock = threading.Lock()
         self._problems: dict[str, str] = {}
         self._watchdogs: dict[str, Callable[[], str | None]] = {}
+        self._not_ready: dict[str, str] = {}
         self._ready = False
 
     def watch(self, component: str, check: Callable[[], str | None]) -> None:
@@ -45,6 +47,14 @@ class Health:
     def clear(self, component: str) -> None:
         with self._lock:
             self._problems.pop(component, None)
+
+    def not_ready(self, component: str, message: str | None) -> None:
+        """Fail readiness (not liveness) while ``message`` is set; None clears it."""
+        with self._lock:
+            if message is None:
+                self._not_ready.pop(component, None)
+            else:
+                self._not_ready[component] = message
 
     def set_ready(self, ready: bool) -> None:
         with self._lock:
@@ -67,8 +77,12 @@ class Health:
     def readiness(self) -> tuple[bool, dict[str, object]]:
         with self._lock:
             ready = self._ready
-        ready = ready and not self.problems()
-        return ready, {"status": "ready" if ready else "not ready"}
+            waiting = dict(self._not_ready)
+        ready = ready and not waiting and not self.problems()
+        body: dict[str, object] = {"status": "ready" if ready else "not ready"}
+        if waiting:
+            body["waiting"] = waiting
+        return ready, body
 
 
 HEALTH = Health()

@@ -1,7 +1,7 @@
 """Prometheus metrics, declared once. Base units; ``_total`` for counters.
 
-Labels are bounded: ``stage``, ``topic``, ``partition``, ``reason`` — never a
-device id or a payload value.
+Labels are bounded: ``stage``, ``topic``, ``partition``, ``reason``, ``dependency``
+(a fixed word a sink names, e.g. ``postgres``) — never a device id or a payload value.
 """
 
 from __future__ import annotations
@@ -102,6 +102,31 @@ RETRY_WAIT = Gauge(
     "pipeline_retry_waiting",
     "1 while the retry agent waits for the next retry to come due.",
     ["stage"],
+    registry=REGISTRY,
+)
+RECORDS_STORED = Counter(
+    "pipeline_records_stored_total",
+    "Records a sink stored outside Kafka (rows upserted, records in committed files).",
+    ["stage"],
+    registry=REGISTRY,
+)
+SINK_FLUSHES = Counter(
+    "pipeline_sink_flushes_total",
+    "Times a buffering sink made records durable (files committed) and committed offsets.",
+    ["stage"],
+    registry=REGISTRY,
+)
+DEPENDENCY_UP = Gauge(
+    "pipeline_dependency_up",
+    "0 while a system the stage writes to (a sink's database or store) is unreachable "
+    "and its batch waits to be run again; 1 otherwise.",
+    ["stage", "dependency"],
+    registry=REGISTRY,
+)
+DEPENDENCY_FAILURES = Counter(
+    "pipeline_dependency_failures_total",
+    "Batch attempts that failed because a system the stage writes to was unreachable.",
+    ["stage", "dependency"],
     registry=REGISTRY,
 )
 BACKFILL_DEFERRED = Counter(

@@ -11,10 +11,13 @@ at-least-once, and lineage ids and the state fence make repeats harmless.
 
 Agents: the live inputs; the retry topic (if the stage retries), re-run when due;
 the backfill lane (if it has one), governed so live input goes first
-(:mod:`pipeline.runtime.lanes`); and a timer that advances idle partitions of a
-stateful event-time stage. An exception that escapes the binding is a bug the
-stage's ``on_error: crash`` asked for, or one in the framework: the worker exits
-(code 70) without committing, and its supervisor restarts it.
+(:mod:`pipeline.runtime.lanes`); a timer that advances idle partitions of a
+stateful event-time stage; a timer that lets a buffering sink flush. A batch that
+meets an unreachable dependency (:class:`~pipeline.errors.Unavailable`) is run
+again with backoff, never acked meanwhile (:mod:`pipeline.runtime.holding`); a
+sink's batch is acked once the sink made it durable. An exception that escapes the
+binding is a bug the stage's ``on_error: crash`` asked for, or one in the framework:
+the worker exits (code 70) without committing, and its supervisor restarts it.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from typing import Any, NoReturn
 import faust
 
 from dlq import retry
-from pipeline.errors import ConfigError, StageStopped
+from pipeline.errors import ConfigError, StageStopped, Unavailable
 from pipeline.kafka.clients import bootstrap, client_config
 from pipeline.obs import metrics
 from pipeline.obs.health import HEALTH
@@ -97,8 +100,8 @@ def build_app(settings: Settings, stage_id: str) -> tuple[StageApp, StageBinding
                     await binding.ready()  # first batch: recovery is complete by now
                     message = event.message
                     records = [to_record(r) for r in message.records]
-                    await on_batch(message.topic, message.partition, records)
-                    event.ack()
+                    if await _through(binding, message, records, on_batch):
+                        await binding.settle(event)
             except StageStopped:
                 await _stay_stopped(app, binding)
             except asyncio.CancelledError:
@@ -158,6 +161,16 @@ def build_app(settings: Settings, stage_id: str) -> tuple[StageApp, StageBinding
         )
 
     install_watchdogs(app, settings, stage_id)
+    app.forget_unacked = binding.forget_unacked
+    if binding.flushes:
+
+        async def flush_tick() -> None:
+            try:
+                await binding.flush()
+            except Exception as exc:
+                _crash(app, stage_id, f"sink flush failed: {type(exc).__name__}: {exc}")
+
+        app.timer(interval=runner.sink_flush_interval_s)(flush_tick)
 
     async def on_rebalance_complete(sender: Any, **_: Any) -> None:
         assigned = [tp for tp in app.consumer.assignment() if tp.topic in spec.inputs]
@@ -203,6 +216,27 @@ def faust_credentials(settings: Settings) -> Any:
         mechanism=settings.kafka_sasl_mechanism or "PLAIN",
         ssl_context=context,
     )
+
+
+async def _through(
+    binding: StageBinding,
+    message: Any,
+    records: list[Record],
+    on_batch: Callable[[str, int, list[Record]], Awaitable[None]],
+) -> bool:
+    """Run one batch until it goes through; while a dependency is unreachable
+    (Unavailable) run it again with backoff. False if the batch was given up
+    meanwhile (a rebalance or a stop): then it is not acked, and is fetched again."""
+    attempt = 0
+    while True:
+        try:
+            await on_batch(message.topic, message.partition, records)
+            return True
+        except Unavailable as exc:
+            attempt += 1
+            wait_s = binding.dependency.failed(exc, attempt)
+            if await binding.dependency.wait(message, wait_s):
+                return False
 
 
 def _due(records: list[Record], now_ms: int) -> list[Record]:

@@ -24,7 +24,7 @@ from dlq.reasons import LATE
 from pipeline import failpoints
 from pipeline.engine.build import build_engine, load_stage
 from pipeline.engine.runner import BatchReport, StageRunner
-from pipeline.errors import BudgetExceeded, StageStopped
+from pipeline.errors import BudgetExceeded, StageStopped, Unavailable
 from pipeline.kafka.clients import client_config, producer
 from pipeline.kafka.offsets import high_watermarks
 from pipeline.kafka.produce import AsyncProducer
@@ -32,6 +32,7 @@ from pipeline.obs import metrics, tracing
 from pipeline.obs.failures import FailureLog
 from pipeline.obs.health import HEALTH
 from pipeline.records import Deliveries, Outgoing, Partitioned, Record
+from pipeline.runtime.holding import DependencyWait, HeldBatches
 from pipeline.runtime.quiet import PipelineQuiet
 from pipeline.runtime.tables import named_global_table, named_table
 from pipeline.settings import Settings
@@ -186,10 +187,67 @@ class StageBinding:
         self.failures = FailureLog(settings, stage_id)
         HEALTH.watch(f"{stage_id}_batch", self.stuck)
         HEALTH.watch(f"{stage_id}_crash_loop", self.crash_looping)
+        runner = settings.runner
+        #: waits between runs of a batch whose dependency is unreachable
+        self.dependency = DependencyWait(
+            stage_id,
+            runner.unavailable_backoff_s,
+            runner.unavailable_backoff_max_s,
+            runner.liveness_timeout_s,
+        )
+        HEALTH.watch(f"{stage_id}_dependency", self.dependency.problem)
+        #: a sink's batches, acked once durable (None: not a sink, ack at once)
+        self.held: HeldBatches | None = None
+        if definition.kind == "sink":
+            self.held = HeldBatches(
+                stage_id,
+                commit=lambda: app.consumer.commit(),
+                on_committed=self.engine.committed,
+                drop=self.engine.drop,
+                commit_on_release=self.engine.buffers,
+            )
 
     @property
     def stateful(self) -> bool:
         return self.table is not None
+
+    @property
+    def flushes(self) -> bool:
+        """Does the stage flush on a timer (a sink that rolls files by time)?"""
+        return self.held is not None and hasattr(self.engine.processor, "flush_due")
+
+    def forget_unacked(self) -> list[Any]:
+        """For a rebalance or a stop: the batches that will not be acked (held by a
+        sink, or waiting for a dependency), given up; see pipeline.runtime.holding."""
+        messages = self.dependency.abandon()
+        if self.held is not None:
+            messages += self.held.abandon()
+        return messages
+
+    async def settle(self, event: Any) -> None:
+        """The batch of ``event`` went through: ack it, or hold it until a sink has
+        made it durable."""
+        if self.held is None:
+            event.ack()
+        else:
+            await self.held.hold(event)
+
+    async def flush(self) -> None:
+        """A sink's timer: let it flush what is due, then ack what became durable."""
+        if self.held is None or self.stopped is not None:
+            return
+        async with self.lock:
+            try:
+                report = await self.runner.flush()
+            except Unavailable as exc:
+                self.dependency.failed(exc, 1)
+                return
+        if report is None:
+            return
+        self.dependency.recovered()
+        self._account(report, None)
+        self.held.made_durable(report.durable)
+        await self.held.release()
 
     @property
     def ticks(self) -> bool:
@@ -278,6 +336,9 @@ class StageBinding:
             finally:
                 self.busy_since = None
             self.current = None
+        self.dependency.recovered()
+        if self.held is not None:
+            self.held.made_durable(report.durable)
         self._account(report, time.perf_counter() - started)
         if self.failures.known and records:
             await self._passed(records[0].topic, partition, records[0].offset, records[-1].offset)
@@ -333,6 +394,8 @@ class StageBinding:
                 metrics.LATE_READINGS.labels(self.stage_id).inc(count)
         if result.emitted_from_state:
             metrics.WINDOWS_EMITTED.labels(self.stage_id).inc(result.emitted_from_state)
+        if result.stored_at:
+            metrics.RECORDS_STORED.labels(self.stage_id).inc(len(result.stored_at))
 
     def stop(self, why: str) -> None:
         """Stop consuming for good (until a restart): the dead-letter budget is spent."""
@@ -427,4 +490,10 @@ class StageBinding:
                 )
 
     def close(self) -> None:
+        close = getattr(self.engine, "close", None)
+        if close is not None:
+            try:
+                close()
+            except Exception:
+                log.warning("stage %s: closing the stage failed", self.stage_id, exc_info=True)
         self.producer.close()

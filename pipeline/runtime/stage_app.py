@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import faust
@@ -21,6 +22,9 @@ class StageApp(faust.App):
     #: OpenLineage run events of this worker (START, then COMPLETE or FAIL)
     run_events: StageLineage | None = None
     kafka_client_config: dict[str, Any] | None = None
+    #: batches that will never be acked (a sink's held ones, ones waiting for a
+    #: dependency), given up before a rebalance or a stop (pipeline.runtime.holding)
+    forget_unacked: Callable[[], list[Any]] | None = None
 
     def _new_transport(self) -> Any:
         return BatchTransport(self.conf.broker_consumer, self)

@@ -194,11 +194,27 @@ class BatchConsumer(faust_aiokafka.Consumer):
     async def wait_empty(self) -> None:
         """Faust waits here (on shutdown and rebalance) until every started batch is
         acked. A stage stopped by its dead-letter budget never acks its last batch:
-        commit what was acked and go on, leaving that batch uncommitted."""
+        commit what was acked and go on, leaving that batch uncommitted. Batches the
+        app will not ack (``app.forget_unacked``) are left uncommitted likewise."""
         if getattr(self.app, "halted", False):
             await self.commit()
             return
-        await super().wait_empty()
+        forget = getattr(self.app, "forget_unacked", None)
+        if forget is None:
+            await super().wait_empty()
+            return
+        # Faust's loop, giving up on every turn the batches that will not be acked:
+        # a sink's held batches and batches waiting for a dependency (a write that
+        # finishes meanwhile may hold one more)
+        while not self.should_stop and self._unacked_messages:
+            for message in forget():
+                self._unacked_messages.discard(message)
+            if not self._unacked_messages:
+                break
+            await self.commit()
+            await self._wait_for_ack(timeout=1)
+            self._clean_unacked_messages()
+        await self.commit_and_end_transactions()
 
     async def perform_seek(self) -> None:
         """After Faust seeks to committed offsets, hand over again from there."""
