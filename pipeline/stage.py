@@ -119,6 +119,12 @@ class State(Protocol):
 
     def items(self) -> Iterator[tuple[Any, Any]]: ...
 
+    def emit(self, emit: Emit) -> None:
+        """Write ``emit`` as an output made from state (a new trace, as
+        ``on_watermark``'s outputs), not from the record being processed: e.g. a
+        window corrected by a late record. Undone with the record's other changes
+        if processing it raises."""
+
 
 class Outputs(Protocol):
     """What a batch stage tells the engine, per input record."""

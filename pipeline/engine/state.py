@@ -70,6 +70,7 @@ class LaneState:
         "_last_set",
         "_wm_dirty",
         "cache",
+        "emitted",
         "get",
         "lane",
         "next_due",
@@ -97,6 +98,8 @@ class LaneState:
         #: what the record being processed changed (while ``_journaling``)
         self._journal: list[tuple[Any, Any, bool, bool, Any]] = []
         self._journaling = False
+        #: outputs made from state while a record was processed (``emit``)
+        self.emitted: list[Any] = []
 
     # -- what the stage sees -----------------------------------------------------
     def __getitem__(self, key: Any) -> Any:
@@ -124,6 +127,11 @@ class LaneState:
         if key in self._deleted:
             del self._deleted[key]
             self._last_set.pop(key, None)
+
+    def emit(self, emit: Any) -> None:
+        """Write ``emit`` as an output made from state (a new trace, as
+        ``on_watermark``'s are), not from the record being processed."""
+        self.emitted.append(emit)
 
     def delete(self, key: Any) -> None:
         if key not in self._data:
@@ -161,6 +169,7 @@ class LaneState:
         """Undo the sets and deletes since :meth:`begin` (not in-place changes of a
         value: a stage that can fail after changing a value should change a copy)."""
         self._journaling = False
+        self.emitted = []
         journal, self._journal = self._journal, []
         for key, value, dirty, deleted, last in reversed(journal):
             if value is _MISSING:

@@ -167,6 +167,9 @@ class StatefulEngine(Engine):
         state._journaling = False
         if state._journal:
             state._journal.clear()
+        if state.emitted:
+            emitted, state.emitted = state.emitted, []
+            self._from_state(state, emitted, result)
         if ctx._duplicate:
             result.duplicates += 1
         else:

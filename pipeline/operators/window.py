@@ -10,11 +10,17 @@ lane's watermark reaches ``end + allowed_lateness``; then:
 
 * a record whose lineage id the window already counted is a duplicate (ignored);
 * any other record for it is ``late`` (a dead letter) — unless it also belongs to
-  a window still open (hopping), which counts it;
+  a window still open (hopping), which counts it, or ``late: correct`` is set and
+  the window closed less than ``correction_horizon_s`` (event time) before the
+  watermark: then the record is counted and the window is emitted again with
+  ``version`` + 1 and ``corrects`` (the version it replaces), on the same topic
+  (a sink keyed by the window keeps the newest version). A late record for a window
+  that had no records yet gives that window at version 1. With ``late: correct``
+  every window carries ``version``, and closed windows are kept for the horizon;
 * the window's lineage ids are kept for ``closed_retention_s`` of event time
-  (default one window length), then the window is forgotten; a replay reaching
-  further back gets ``late`` dead letters for records already counted, never a
-  second count.
+  (default one window length, at least the correction horizon), then the window is
+  forgotten; a replay reaching further back gets ``late`` dead letters for records
+  already counted, never a second count.
 
 Backfill lanes get ``backfill_lateness_s`` of allowed lateness; their windows all
 close when the lane ends, and carry ``"source": "backfill:<run>"``. The engine
@@ -39,7 +45,7 @@ import heapq
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from operator import itemgetter
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -80,6 +86,10 @@ class WindowConfig(BaseModel):
     backfill_lateness_s: int = Field(default=3600, ge=0)
     #: how long (event time) an emitted window remembers its records' lineage ids
     closed_retention_s: int | None = Field(default=None, ge=0)
+    #: a record for a closed window: a ``late`` dead letter, or a corrected window
+    #: (``version`` + 1) while the window closed less than the horizon ago
+    late: Literal["dead_letter", "correct"] = "dead_letter"
+    correction_horizon_s: int = Field(default=3600, ge=0)
     aggregations: tuple[str, ...] = ("count", "min", "max", "mean")
     carry: tuple[str, ...] = ()
     #: first_ts, last_ts, first_lineage_id, last_lineage_id in each window
@@ -122,6 +132,8 @@ class Window:
     custom: dict[str, Any] = field(default_factory=dict)
     ids: set[str] = field(default_factory=set)
     closed: bool = False
+    #: times emitted (the last emission's ``version``)
+    version: int = 0
 
     def add(self, ts: int, value: float, lineage: str) -> None:
         if (
@@ -157,6 +169,8 @@ class WindowCodec:
         doc = orjson.loads(raw)
         doc["key"] = tuple(doc["key"])
         doc["ids"] = set(doc["ids"])
+        if "version" not in doc:  # written before versions: a closed window was emitted
+            doc["version"] = 1 if doc.get("closed") else 0
         return Window(**doc)
 
 
@@ -176,12 +190,16 @@ class WindowedAggregate:
         self._key_of: Callable[[dict[str, Any]], tuple[Any, ...]] = (
             getter if len(fields) > 1 else (lambda doc: (getter(doc),))
         )
-        #: tumbling windows without reducers take :meth:`_process_tumbling`, a tight
-        #: twin of :meth:`process` (which stays the reference: tests compare the two)
-        self.fast = self.tumbling and not self.reducers
+        self.correcting = config.late == "correct"
+        self.horizon_ms = config.correction_horizon_s * 1000 if self.correcting else 0
+        #: tumbling windows without reducers or corrections take
+        #: :meth:`_process_tumbling`, a tight twin of :meth:`process` (which stays the
+        #: reference: tests compare the two)
+        self.fast = self.tumbling and not self.reducers and not self.correcting
         self.process = self._process_tumbling if self.fast else self._process  # type: ignore[method-assign]
         retention = config.closed_retention_s
         self.retention_ms = self.size_ms if retention is None else retention * 1000
+        self.retention_ms = max(self.retention_ms, self.horizon_ms)
         self.lateness_ms = config.allowed_lateness_s * 1000
         self.backfill_lateness_ms = config.backfill_lateness_s * 1000
         self.key_fields = config.key
@@ -303,29 +321,62 @@ class WindowedAggregate:
             open_starts = starts
         else:
             open_starts = [s for s in starts if s + self.size_ms + lateness > watermark]
-        if not open_starts:
+        # closed windows a record corrects (late: correct): closed less than the
+        # horizon before the watermark
+        fixing: list[int] = []
+        if self.correcting and len(open_starts) < len(starts):
+            assert watermark is not None
+            fixing = [
+                s
+                for s in starts
+                if s not in open_starts
+                and s + self.size_ms + lateness + self.horizon_ms > watermark
+            ]
+        if not open_starts and not fixing:
+            beyond = (
+                f"closed more than correction_horizon_s={self.config.correction_horizon_s} before"
+                if self.correcting
+                else "already closed at"
+            )
             raise InvalidMessage(
                 LATE,
                 f"record at {ts} is for window [{starts[-1]}, {starts[-1] + self.size_ms}) "
-                f"already closed at watermark {watermark}",
+                f"{beyond} watermark {watermark}",
             )
-        closing = state.cache["closing"]
-        for start in open_starts:
+        # plan every change first: a reducer that raises must find every window as it
+        # was (state rolls back what was set, not what was changed in place)
+        plan: list[tuple[tuple[Any, ...], Window, dict[str, Any], bool, bool]] = []
+        for start, closed in [(s, True) for s in fixing] + [(s, False) for s in open_starts]:
             wkey = (*key, start)
             window = state.get(wkey)
+            new = window is None
             if window is None:
                 carry = {f: doc.get(f, "") for f in self.config.carry}
-                window = Window(key, carry, start, start + self.size_ms)
+                window = Window(key, carry, start, start + self.size_ms, closed=closed)
                 window.custom = {name: r.init() for name, r in self.reducers.items()}
-                heapq.heappush(closing, (window.end + lateness, wkey))
-                state.next_due = min(state.next_due, window.end + lateness)
             elif lineage in window.ids:
                 continue
+            custom = {
+                name: reducer.add(window.custom[name], value, doc)
+                for name, reducer in self.reducers.items()
+            }
+            plan.append((wkey, window, custom, new, closed))
+        closing, evicting = state.cache["closing"], state.cache["evicting"]
+        for wkey, window, custom, new, closed in plan:
+            if new:
+                if closed:  # born closed: it is emitted now, and forgotten in time
+                    due = window.end + lateness + self.retention_ms
+                    heapq.heappush(evicting, (due, wkey))
+                else:
+                    due = window.end + lateness
+                    heapq.heappush(closing, (due, wkey))
+                state.next_due = min(state.next_due, due)
             window.add(ts, value, lineage)
-            for name, reducer in self.reducers.items():
-                window.custom[name] = reducer.add(window.custom[name], value, doc)
+            window.custom.update(custom)
             state.set(wkey, window)
             self.ctx.counted(wkey, lineage)
+            if closed:
+                state.emit(self._emit(state, window))
 
     def on_watermark(self, state: State, watermark: int) -> list[Emit] | None:
         closing, evicting = state.cache["closing"], state.cache["evicting"]
@@ -406,6 +457,11 @@ class WindowedAggregate:
 
     def _emit(self, state: State, window: Window) -> Emit:
         doc = self.result(window)
+        window.version += 1
+        if self.correcting:
+            doc["version"] = window.version
+            if window.version > 1:
+                doc["corrects"] = window.version - 1
         if state.lane:
             doc["source"] = state.lane
         key = (

@@ -319,11 +319,32 @@ class ParquetSink:
                     for relative in doc["files"]:
                         self._delete(self._full(relative))
                     self._delete(path)
+                    log.info(
+                        "stage %s: %s[%d] offsets %d-%d were written but not committed: "
+                        "removed %d file(s), they are written again",
+                        self.ctx.stage_id,
+                        topic,
+                        partition,
+                        start,
+                        end,
+                        len(doc["files"]),
+                    )
                     continue
                 # a flush that straddles ``first``: keep only its rows before it
                 kept = self._trim(topic, partition, doc["files"], first, start)
                 self._write_manifest(topic, partition, start, first - 1, kept)
                 self._delete(path)
+                log.info(
+                    "stage %s: %s[%d] restarts at offset %d inside a flush of %d-%d: its "
+                    "files now end at %d",
+                    self.ctx.stage_id,
+                    topic,
+                    partition,
+                    first,
+                    start,
+                    end,
+                    first - 1,
+                )
         except OSError as exc:
             raise Unavailable("storage", f"{self.config.path}: {exc}") from None
 

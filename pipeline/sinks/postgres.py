@@ -188,6 +188,12 @@ class PostgresSink:
         try:
             self._conn = psycopg.connect(config.dsn, **kwargs)
         except psycopg.OperationalError as exc:
+            if (exc.sqlstate or "").startswith("28") or "password" in str(exc):
+                env = f"PIPELINE_STAGES__{self.ctx.stage_id.upper()}__CONFIG__PASSWORD"
+                raise ConfigError(
+                    f"stage {self.ctx.stage_id}: postgres refused the login "
+                    f"({_first_line(exc)}); give the password as {env} or password_file"
+                ) from None
             raise Unavailable("postgres", _first_line(exc)) from None
         except psycopg.ProgrammingError as exc:  # a malformed dsn
             raise ConfigError(f"stage {self.ctx.stage_id}: dsn: {_first_line(exc)}") from None

@@ -358,6 +358,14 @@ class StageHarness:
         report = asyncio.run(self.runner.tick(partition, quiet_since))
         return self._collect(start, report)
 
+    def flush(self, seconds: float = 0.0) -> RunResult:
+        """Let ``seconds`` pass, then let a sink flush what is due (as a worker's
+        timer does); ``report.durable`` says which offsets became durable."""
+        self.clock.advance(seconds)
+        start = len(self.producer.log)
+        report = asyncio.run(self.runner.flush())
+        return self._collect(start, report)
+
     def end_lane(self, run_id: str, partition: int = 0) -> RunResult:
         """A backfill run's end-of-input control record, on the stage's lane."""
         headers = [
@@ -374,7 +382,10 @@ class StageHarness:
             self.engine.stores.clear()
 
     def close(self) -> None:
-        """Nothing to release (kept for symmetry with TopologyCluster)."""
+        """Close the stage (a sink's connection)."""
+        close = getattr(self.engine, "close", None)
+        if close is not None:
+            close()
 
 
 def run_stage(stage: StageDef | str, records: Iterable[Record], **options: Any) -> RunResult:

@@ -67,14 +67,20 @@ def isolated_config(
     partitions: int | None = None,
     stages: dict[str, dict[str, Any]] | None = None,
     source: Path = REPO / "config" / "pipeline.yaml",
+    add: dict[str, Any] | None = None,
 ) -> tuple[Path, Settings]:
     """A copy of the pipeline.yaml ``source`` whose topics and groups no other test
     shares (its ``paths:`` made absolute).
 
-    ``stages`` merges settings into stage specs, e.g. ``{"parse": {"dlq_budget": …}}``.
+    ``stages`` merges settings into stage specs, e.g. ``{"parse": {"dlq_budget": …}}``;
+    ``add`` adds ``topics`` and ``stages`` (named as in ``source``) before the names
+    are made the test's own.
     """
     tag = f"t{os.getpid()}x{next(_counter)}"
-    doc = namespaced(yaml.safe_load(source.read_text()), tag)
+    raw = yaml.safe_load(source.read_text())
+    for section, extra in (add or {}).items():
+        raw[section] = {**raw.get(section, {}), **extra}
+    doc = namespaced(raw, tag)
     doc["paths"] = [str((source.parent / p).resolve()) for p in doc.get("paths", [])]
     if partitions is not None:
         for spec in doc["topics"].values():
