@@ -24,6 +24,7 @@ from tests.helm.chart import (
     matches,
     render,
 )
+from tests.helm.test_chart_sinks import SINKS
 
 LATEST = kubernetes_validate.latest_version()
 _KUBE_VERSION = yaml.safe_load((CHART_DIR / "Chart.yaml").read_text())["kubeVersion"]
@@ -34,6 +35,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
     "defaults": {},
     "everything-keda": EVERYTHING,
     "everything-hpa": EVERYTHING_HPA,
+    "sinks": SINKS,
 }
 
 
