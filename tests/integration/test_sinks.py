@@ -239,6 +239,13 @@ def test_windows_land_in_the_table_and_the_lake_exactly_once(broker, pg, tmp_pat
         assert stored["lake"].startswith("date=") and stored["lake"].endswith(".parquet")
         assert trace["end"] == "stored" and trace["complete"]
         assert (lake / stored["lake"]).exists()
+
+        # status: both sinks are stages like the others, caught up
+        shown = cli(config, broker.bootstrap, "status", "--json")
+        verdicts = {s["stage"]: s for s in orjson.loads(shown.stdout)["stages"]}
+        for stage in ("store", "lake"):
+            assert verdicts[stage]["verdict"] in ("ok", "idle"), verdicts[stage]
+            assert verdicts[stage]["lag"] == 0
     finally:
         pipe.stop_all()
 
