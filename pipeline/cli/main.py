@@ -24,6 +24,7 @@ from pipeline.cli.common import (
     settings_from,
 )
 from pipeline.cli.dlq import dlq
+from pipeline.cli.edge import bridge_mqtt, serve_http
 from pipeline.cli.lineage import lineage_group
 from pipeline.cli.replay import replay
 from pipeline.cli.status import status
@@ -267,6 +268,8 @@ cli.add_command(lineage_group)
 cli.add_command(status)
 cli.add_command(backfill)
 cli.add_command(topology)
+cli.add_command(serve_http)
+cli.add_command(bridge_mqtt)
 
 
 def main() -> None:
