@@ -157,6 +157,7 @@ def batch_done(
                     E2E_LATENCY.labels(stage).observe(max(0.0, now - int(value) / 1000))
                 break
 
+
 # The doors devices use (pipeline.edge): ``door`` is ``http`` or ``mqtt``; ``status``
 # an HTTP status code the gateway answers with; ``reason`` one of
 # pipeline.edge.REJECT_REASONS.
