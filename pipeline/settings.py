@@ -243,6 +243,69 @@ class OpenLineageSettings(_Frozen):
         return self
 
 
+class EdgeHttpSettings(_Frozen):
+    """The HTTP gateway (``pipeline serve-http``, :mod:`pipeline.edge.http`)."""
+
+    #: ``sha256:<hex> [device-id prefix]`` a line; the chart mounts it from a Secret
+    tokens_file: str | None = None
+    #: the largest request body on the wire (gzip or not): past it, 413
+    max_body_bytes: int = Field(default=1_048_576, ge=1024, le=64 * 1024 * 1024)
+    #: the largest body after gzip decompression (a gzip bomb stops here): 413
+    max_decoded_bytes: int = Field(default=4_194_304, ge=1024, le=256 * 1024 * 1024)
+    #: records in one request: past it the whole request is refused (413)
+    max_records: int = Field(default=10_000, ge=1, le=1_000_000)
+    #: the largest single record; larger is refused whole (413) before anything is
+    #: written (ingest dead-letters records over its own, smaller limit)
+    max_record_bytes: int = Field(default=524_288, ge=64, le=1_000_000_000)
+    #: the whole body must arrive within this (slow clients): 408
+    read_timeout_s: float = Field(default=10.0, gt=0)
+    #: the broker must acknowledge a request's records within this: else 503
+    ack_timeout_s: float = Field(default=10.0, gt=0)
+    #: records produced and not yet acknowledged, all requests together: past it, 429
+    max_in_flight_records: int = Field(default=50_000, ge=1)
+    #: open connections the server takes before it answers 503
+    max_connections: int = Field(default=1000, ge=1)
+    #: Retry-After of a 429 (queue full) and of a 503 (broker unreachable)
+    retry_after_s: int = Field(default=1, ge=1)
+    unavailable_retry_after_s: int = Field(default=5, ge=1)
+
+
+class EdgeMqttSettings(_Frozen):
+    """The MQTT bridge (``pipeline bridge-mqtt``, :mod:`pipeline.edge.mqtt`)."""
+
+    #: ``mqtt://host:port`` or ``mqtts://host:port`` (TLS)
+    url: str | None = Field(default=None, pattern=r"^mqtts?://[^/\s:]+(:[0-9]+)?/?$")
+    #: topic filters subscribed with QoS 1; ``$share/<group>/...`` splits them
+    #: between replicas; the device id is the level of the first ``+``
+    topics: tuple[str, ...] = ()
+    #: a fixed client id keeps the session (and its unacknowledged messages) across
+    #: restarts; default: ``<app_prefix>-bridge-<hostname>``
+    client_id: str | None = Field(default=None, min_length=1, max_length=128)
+    username: str | None = None
+    password: SecretStr | None = None
+    #: a PEM CA bundle for mqtts:// (default: the system's)
+    ca_file: str | None = None
+    #: how long the MQTT broker keeps the session of a disconnected bridge
+    session_expiry_s: int = Field(default=604_800, ge=60)
+    #: messages the MQTT broker may have in flight to the bridge (Receive Maximum)
+    max_in_flight: int = Field(default=1000, ge=1, le=65_535)
+    keepalive_s: int = Field(default=30, ge=5)
+    reconnect_min_s: float = Field(default=1.0, gt=0)
+    reconnect_max_s: float = Field(default=30.0, gt=0)
+    #: the largest payload written to Kafka; a larger one is acknowledged, counted
+    #: (``pipeline_edge_rejected_total{reason="too_large"}``) and logged without content
+    max_payload_bytes: int = Field(default=524_288, ge=64, le=1_000_000_000)
+
+
+class EdgeSettings(_Frozen):
+    """The doors devices use (:mod:`pipeline.edge`): both write raw readings, keyed
+    by device id, to ``topic`` (default: the entry stage's first input)."""
+
+    topic: str | None = None
+    http: EdgeHttpSettings = EdgeHttpSettings()
+    mqtt: EdgeMqttSettings = EdgeMqttSettings()
+
+
 class Settings(BaseSettings):
     """Everything a process of the pipeline needs to know, validated once."""
 
@@ -283,6 +346,7 @@ class Settings(BaseSettings):
     dlq: DlqSettings = DlqSettings()
     openlineage: OpenLineageSettings = OpenLineageSettings()
     backfill: BackfillSettings = BackfillSettings()
+    edge: EdgeSettings = EdgeSettings()
 
     _topology: Topology = PrivateAttr()
     _config_dir: Path | None = PrivateAttr(default=None)
@@ -326,6 +390,8 @@ class Settings(BaseSettings):
         entry = self.backfill.entry_stage
         if entry is not None and entry not in self.stages:
             raise ValueError(f"backfill.entry_stage {entry!r} is not a declared stage")
+        if self.edge.topic is not None and self.edge.topic not in self.topics:
+            raise ValueError(f"edge.topic {self.edge.topic!r} is not declared under 'topics'")
         self._topology = Topology.build(self.stages)
         return self
 
@@ -442,6 +508,8 @@ def namespaced(doc: Mapping[str, Any], tag: str) -> dict[str, Any]:
             out[name] = rename[out[name]]
     if out.get("backfill", {}).get("runs_topic"):
         out["backfill"]["runs_topic"] = rename[out["backfill"]["runs_topic"]]
+    if out.get("edge", {}).get("topic"):
+        out["edge"]["topic"] = rename[out["edge"]["topic"]]
     out["app_prefix"] = f"{tag}-pipeline"
     return out
 

@@ -24,6 +24,7 @@ from pipeline.cli.common import (
     settings_from,
 )
 from pipeline.cli.dlq import dlq
+from pipeline.cli.edge import bridge_mqtt, serve_http
 from pipeline.cli.lineage import lineage_group
 from pipeline.cli.replay import replay
 from pipeline.cli.sink import sink
@@ -203,17 +204,52 @@ def run(ctx: click.Context, stage: str, metrics_port: int | None) -> None:
 )
 @click.option("--bad-ratio", type=click.FloatRange(0.0, 1.0), default=0.01, show_default=True)
 @click.option("--seed", type=int, default=1, show_default=True)
+@click.option(
+    "--via",
+    type=click.Choice(["kafka", "http", "mqtt"]),
+    default="kafka",
+    show_default=True,
+    help="kafka: produce to the ingest input; http: POST to the gateway at --url "
+    "(token: $PIPELINE_GATEWAY_TOKEN); mqtt: publish QoS 1 to devices/<id>/readings at --url.",
+)
+@click.option("--url", default=None, help="http://host:port (gateway) or mqtt://host:port.")
+@click.option("--token", envvar="PIPELINE_GATEWAY_TOKEN", default=None, hidden=True)
 @click.pass_context
 @handle_errors
 def simulate(
-    ctx: click.Context, n_devices: int, rate: float, duration: float, bad_ratio: float, seed: int
+    ctx: click.Context,
+    n_devices: int,
+    rate: float,
+    duration: float,
+    bad_ratio: float,
+    seed: int,
+    via: str,
+    url: str | None,
+    token: str | None,
 ) -> None:
-    """Produce simulated readings to the ingest stage's input topic."""
+    """Produce simulated readings to the ingest stage's input topic, or send them
+    through the HTTP gateway or an MQTT broker (--via)."""
+    from pipeline.demo.senders import HttpSender, MqttSender, Sender
     from pipeline.demo.simulator import run_simulator
 
     settings = settings_from(ctx)
+    sender: Sender | None = None
+    if via != "kafka" and not url:
+        fail(f"--via {via} needs --url", EXIT_CONFIG)
+    if via == "http":
+        if not token:
+            fail("--via http needs the gateway's token in $PIPELINE_GATEWAY_TOKEN", EXIT_CONFIG)
+        sender = HttpSender(url or "", token or "")
+    elif via == "mqtt":
+        sender = MqttSender(url or "")
     stats = run_simulator(
-        settings, devices=n_devices, rate=rate, duration=duration, bad_ratio=bad_ratio, seed=seed
+        settings,
+        devices=n_devices,
+        rate=rate,
+        duration=duration,
+        bad_ratio=bad_ratio,
+        seed=seed,
+        sender=sender,
     )
     click.echo(json.dumps(stats))
 
@@ -234,6 +270,13 @@ def simulate(
 @click.option(
     "--out", "out_dir", type=click.Path(file_okay=False), default="demo-output", show_default=True
 )
+@click.option(
+    "--via",
+    type=click.Choice(["kafka", "http", "mqtt"]),
+    default="kafka",
+    show_default=True,
+    help="How readings get in: a Kafka producer, the HTTP gateway, or Mosquitto + the bridge.",
+)
 @click.pass_context
 @handle_errors
 def demo(
@@ -244,6 +287,7 @@ def demo(
     bad_ratio: float,
     window_s: int,
     out_dir: str,
+    via: str,
 ) -> None:
     """Run everything: broker, topics, registry, four stage workers, simulator, live view."""
     from pipeline.demo.run import run_demo
@@ -258,6 +302,7 @@ def demo(
         bad_ratio=bad_ratio,
         window_s=window_s,
         out_dir=Path(out_dir),
+        via=via,
     )
     sys.exit(code)
 
@@ -269,6 +314,8 @@ cli.add_command(status)
 cli.add_command(backfill)
 cli.add_command(topology)
 cli.add_command(sink)
+cli.add_command(serve_http)
+cli.add_command(bridge_mqtt)
 
 
 def main() -> None:

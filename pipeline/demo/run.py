@@ -12,12 +12,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +33,10 @@ from rich.live import Live
 from rich.table import Table
 
 from pipeline.demo.registry import publish_registry
+from pipeline.demo.senders import HttpSender, MqttSender, Sender
 from pipeline.demo.simulator import run_simulator
+from pipeline.edge.auth import token_digest
+from pipeline.edge.mosquitto import Mosquitto, start_mosquitto
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.kafka.clients import admin
 from pipeline.kafka.embedded import BrokerHandle, free_port, resolve_broker
@@ -189,6 +194,60 @@ def _drained(settings: Settings, workers: list[Worker], sent: int) -> bool:
     return True
 
 
+def _start_door(
+    settings: Settings, config: Path, via: str, out_dir: Path, log_dir: Path
+) -> tuple[Worker, Sender, Mosquitto | None]:
+    """The gateway (with a fresh token) or a Mosquitto and the bridge, as processes,
+    ready; and the sender the simulator uses to reach them."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers or "",
+        "PIPELINE_CONFIG": str(config),
+        "PIPELINE_LOG_LEVEL": os.environ.get("PIPELINE_LOG_LEVEL", "warning"),
+    }
+    mosquitto: Mosquitto | None = None
+    sender_of: Callable[[], Sender]
+    if via == "http":
+        token = secrets.token_urlsafe(24)
+        tokens = out_dir / "gateway-tokens"
+        tokens.write_text(token_digest(token) + "\n")
+        args = ["serve-http", "--port", str(port), "--tokens-file", str(tokens)]
+        name, sender_of = "gateway", lambda: HttpSender(f"http://127.0.0.1:{port}", token)
+    elif via == "mqtt":
+        mosquitto = start_mosquitto(out_dir / "mosquitto")
+        url = mosquitto.url
+        args = ["bridge-mqtt", "--mqtt", url, "--topic", "devices/+/readings"]
+        args += ["--client-id", "demo-bridge", "--metrics-port", str(port)]
+        name, sender_of = "mqtt-bridge", lambda: MqttSender(url)
+    else:
+        raise ConfigError(f"--via {via!r}: choose kafka, http or mqtt")
+    log_path = log_dir / f"{name}.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.cli", *args],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+    door = Worker(name, port, proc, log_path)
+    deadline = time.monotonic() + 30
+    while True:
+        if proc.poll() is not None:
+            raise ConfigError(f"the {name} exited with {proc.returncode}: {door.log_tail(3)}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise ConfigError(f"the {name} was not ready within 30 s: {door.log_tail(3)}")
+        time.sleep(0.2)
+    return door, sender_of(), mosquitto
+
+
 def write_aggregates(records: list[dict[str, Any]], path: Path) -> None:
     columns = {name: [r.get(name) for r in records] for name in AGGREGATE_COLUMNS}
     pq.write_table(pa.table(columns), path)
@@ -204,7 +263,10 @@ def run_demo(
     bad_ratio: float,
     window_s: int,
     out_dir: Path,
+    via: str = "kafka",
 ) -> int:
+    """The demo; ``via`` is how the simulator's readings get in: ``kafka`` (a
+    producer), ``http`` (the gateway) or ``mqtt`` (a Mosquitto and the bridge)."""
     console = Console(stderr=True)
     config = Path(config_path).resolve() if config_path else default_config_path().resolve()
     registry_csv = config.parent / "devices.csv"
@@ -221,6 +283,7 @@ def run_demo(
     workers: list[Worker] = []
     stop = threading.Event()
     sim: dict[str, Any] = {}
+    mosquitto: Mosquitto | None = None
     try:
         settings = settings.model_copy(update={"kafka_bootstrap_servers": broker.bootstrap})
         check_topics(create_topics(settings, admin(settings)))
@@ -230,6 +293,11 @@ def run_demo(
             f"workers: {', '.join(f'{w.stage} (pid {w.proc.pid})' for w in workers)}; "
             f"logs in {log_dir}"
         )
+        sender: Sender | None = None
+        if via != "kafka":
+            door, sender, mosquitto = _start_door(settings, config, via, out_dir, log_dir)
+            workers.insert(0, door)  # watched and stopped like the workers
+            console.print(f"readings go in through {via}: {door.stage} (pid {door.proc.pid})")
 
         def simulate() -> None:
             try:
@@ -242,6 +310,7 @@ def run_demo(
                         bad_ratio=bad_ratio,
                         stop=stop.is_set,
                         on_progress=lambda n: sim.__setitem__("sent", n),
+                        sender=sender,
                     )
                 )
             except PipelineError as exc:
@@ -288,7 +357,9 @@ def run_demo(
                     return 1
                 if sim.get("done"):
                     phase = "draining"
-                    if drained_at is None and _drained(settings, workers, int(sim["sent"])):
+                    if drained_at is None and _drained(
+                        settings, workers, int(sim["sent"]) - int(sim.get("not_sendable", 0))
+                    ):
                         drained_at = time.monotonic()
                         phase = "closing the last windows"
                     windows = workers[-1].get("pipeline_windows_emitted_total")
@@ -314,6 +385,7 @@ def run_demo(
             "sent": sim.get("sent", 0),
             "good_readings": sim.get("good", 0),
             "exact_repeats_sent": sim.get("duplicate", 0),
+            "via": via,
             "poison_sent": {
                 k: v for k, v in sim.items() if k not in ("sent", "good", "duplicate", "done")
             },
@@ -341,4 +413,6 @@ def run_demo(
     finally:
         stop.set()
         _stop_workers(workers)
+        if mosquitto is not None:
+            mosquitto.stop()
         broker.stop()

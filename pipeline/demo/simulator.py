@@ -11,12 +11,14 @@ import random
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import orjson
 
-from pipeline.errors import DeliveryError
-from pipeline.kafka.clients import producer
 from pipeline.settings import Settings
+
+if TYPE_CHECKING:
+    from pipeline.demo.senders import Sender
 
 METRICS = (
     ("temperature", "C", 21.0, 4.0),
@@ -234,12 +236,16 @@ def run_simulator(
     seed: int = 1,
     stop: Callable[[], bool] = lambda: False,
     on_progress: Callable[[int], None] | None = None,
+    sender: Sender | None = None,
 ) -> dict[str, int]:
     """Produce readings at ``rate``/s for ``duration`` s (live event times) to the
-    ingest input; return counts by kind. Waits for every record to be acknowledged."""
+    ingest input, or through ``sender`` (a door, :mod:`pipeline.demo.senders`);
+    return counts by kind. Waits for every record to be acknowledged."""
+    from pipeline.demo.senders import KafkaSender
+
     entry = settings.topology.entry_stages()[0]
     topic = settings.stage(entry).inputs[0]
-    client = producer(settings)
+    out = sender if sender is not None else KafkaSender(settings, topic)
     total = max(1, int(rate * duration))
     interval_ms = max(1, int(1000 * devices / rate))
     start = time.monotonic()
@@ -257,20 +263,15 @@ def run_simulator(
     for sent, record in enumerate(records, start=1):
         if stop():
             break
-        while True:
-            try:
-                client.produce(topic, record.value, record.key)
-                break
-            except BufferError:
-                client.poll(0.05)
+        out.send(record)
         counts[record.kind] = counts.get(record.kind, 0) + 1
-        client.poll(0)
         ahead = sent / rate - (time.monotonic() - start)
         if ahead > 0:
             time.sleep(ahead)
         if on_progress is not None and sent % 50 == 0:
             on_progress(sent)
-    if client.flush(30):
-        raise DeliveryError("simulator: records were not acknowledged within 30 s")
+    out.close()
     counts["sent"] = sum(counts.values())
+    if out.not_sendable:
+        counts["not_sendable"] = out.not_sendable
     return counts

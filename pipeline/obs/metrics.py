@@ -181,3 +181,53 @@ def batch_done(
                 if value.isdigit():
                     E2E_LATENCY.labels(stage).observe(max(0.0, now - int(value) / 1000))
                 break
+
+
+# The doors devices use (pipeline.edge): ``door`` is ``http`` or ``mqtt``; ``status``
+# an HTTP status code the gateway answers with; ``reason`` one of
+# pipeline.edge.REJECT_REASONS.
+EDGE_REQUESTS = Counter(
+    "pipeline_edge_requests_total",
+    "HTTP requests the gateway answered, by status code.",
+    ["status"],
+    registry=REGISTRY,
+)
+EDGE_REQUEST_SECONDS = Histogram(
+    "pipeline_edge_request_duration_seconds",
+    "Time from a POST's arrival to its answer (records acknowledged for a 202).",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+    registry=REGISTRY,
+)
+EDGE_RECORDS = Counter(
+    "pipeline_edge_records_total",
+    "Records a door wrote and the broker acknowledged.",
+    ["door", "topic"],
+    registry=REGISTRY,
+)
+EDGE_REJECTED = Counter(
+    "pipeline_edge_rejected_total",
+    "Requests (http) or messages (mqtt) refused at a door, by reason.",
+    ["door", "reason"],
+    registry=REGISTRY,
+)
+EDGE_IN_FLIGHT = Gauge(
+    "pipeline_edge_in_flight_records",
+    "Records produced by a door and not yet acknowledged by the broker.",
+    ["door"],
+    registry=REGISTRY,
+)
+EDGE_DEVICE_MISMATCH = Counter(
+    "pipeline_edge_device_mismatch_total",
+    "MQTT messages whose payload names another device than their topic (forwarded as sent).",
+    registry=REGISTRY,
+)
+EDGE_MQTT_CONNECTED = Gauge(
+    "pipeline_edge_mqtt_connected",
+    "1 while the bridge is connected to the MQTT broker and subscribed.",
+    registry=REGISTRY,
+)
+EDGE_MQTT_CONNECTS = Counter(
+    "pipeline_edge_mqtt_connects_total",
+    "Successful connections of the bridge to the MQTT broker (reconnects included).",
+    registry=REGISTRY,
+)
