@@ -207,4 +207,12 @@ class DependencyWait:
         """Give up the waiting batches; returns their messages."""
         messages = list(self.waiting)
         self.abandoned.update(messages)
+        if messages:
+            log.info(
+                "stage %s: %d batch(es) waiting for %s given up (fetched again from the "
+                "committed offsets)",
+                self.stage_id,
+                len(messages),
+                self.dependency,
+            )
         return messages

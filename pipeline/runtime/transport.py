@@ -23,6 +23,7 @@ import logging
 from collections.abc import AsyncIterator, Mapping, Sequence, Set
 from typing import Any
 
+from aiokafka.errors import IllegalStateError
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP
 from faust.types.tuples import ConsumerMessage, Message, ack_lock
@@ -141,7 +142,17 @@ class BatchConsumer(faust_aiokafka.Consumer):
                     position,
                     expected,
                 )
-                await self.seek(tp, expected)
+                await self._seek_back(tp, expected)
+
+    async def _seek_back(self, tp: TP, offset: int) -> None:
+        """Seek ``tp`` back to ``offset``, unless it is no longer assigned: a
+        rebalance that began while we looked (the checks above await) resets every
+        position it assigns, and aiokafka refuses a seek of a revoked partition with
+        IllegalStateError, which would crash the fetcher."""
+        try:
+            await self.seek(tp, offset)
+        except IllegalStateError:
+            logger.info("%s: no longer assigned; not seeking back", tp)
 
     def _fetch_position(self, tp: TP) -> int | None:
         """aiokafka's fetch position of an assigned partition (None if not known)."""
@@ -179,7 +190,7 @@ class BatchConsumer(faust_aiokafka.Consumer):
                 records[0].offset,
                 expected,
             )
-            await self.seek(tp, expected)
+            await self._seek_back(tp, expected)
             return ()
         return records
 

@@ -346,3 +346,67 @@ def test_sinks_survive_kills_a_database_restart_and_rewinds(broker, pg, tmp_path
         pipe.stop_all()
         if not (pg.data / "postmaster.pid").exists():
             pg.start()
+
+
+def test_sinks_scale_out_while_they_hold_batches(broker, pg, tmp_path):
+    """A second worker of each sink joins while the first holds batches: the Parquet
+    sink's buffered ones (a long roll_s) and the PostgreSQL sink's one waiting for
+    a database that is down. The rebalance gives them up instead of waiting for
+    them; afterwards the table and the lake hold every window once."""
+    lake = tmp_path / "lake"
+    add = sink_stages(pg, lake, roll_records=100_000)
+    add["stages"]["lake"]["config"]["roll_s"] = 8
+    config, settings = isolated_config(tmp_path, broker.bootstrap, add=add)
+    table = settings.stages["store"].config["table"]
+    env = {"PIPELINE_STAGES__STORE__CONFIG__PASSWORD": pg.password}
+    assert cli(config, broker.bootstrap, "sink", "init", "store", env=env).returncode == 0
+    docs = readings(devices=8, per_device=60, start_ms=int(time.time() * 1000) - 3_600_000)
+    want = expected(docs)
+    pipe = Pipeline(config, settings, tmp_path)
+    try:
+        pipe.start("aggregate")
+        first_store = pipe.start("store", env=env)
+        first_lake = pipe.start("lake")
+        wait_for(lambda: first_store.get("/readyz")[0] == 200, 60, "store ready", pipe.logs)
+        pg.stop()
+        produce_enriched(settings, docs)
+        wait_for(
+            lambda: (
+                first_store.counter("pipeline_dependency_failures_total") > 0
+                and first_lake.counter("pipeline_records_consumed_total") > 0
+            ),
+            90,
+            "a store batch waiting for the database and lake batches buffered",
+            pipe.logs,
+        )
+        assert lake_rows(lake) == []  # held: not yet durable, nothing committed
+        second_store = pipe.start("store", env=env)
+        second_lake = pipe.start("lake")
+
+        def split(a: Any, b: Any) -> bool:
+            pipe.check_alive()
+            return (
+                a.counter("pipeline_assigned_partitions")
+                + b.counter("pipeline_assigned_partitions")
+                == 4
+                and a.counter("pipeline_assigned_partitions") > 0
+                and b.counter("pipeline_assigned_partitions") > 0
+            )
+
+        wait_for(lambda: split(first_lake, second_lake), 90, "the lake split", pipe.logs)
+        wait_for(lambda: split(first_store, second_store), 90, "the store split", pipe.logs)
+        pg.start()
+
+        def landed() -> bool:
+            pipe.check_alive()
+            return len(table_rows(pg, table)) == len(want) and len(lake_rows(lake)) == len(want)
+
+        wait_for(landed, 150, f"{len(want)} windows in the table and the lake", pipe.logs)
+        assert_equal_windows(table_rows(pg, table), want)
+        assert_equal_windows(lake_windows(lake), want)
+        for worker in (first_store, second_store, first_lake, second_lake):
+            assert worker.alive()
+    finally:
+        pipe.stop_all()
+        if not (pg.data / "postmaster.pid").exists():
+            pg.start()
