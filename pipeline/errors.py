@@ -11,6 +11,8 @@
     │   └── DeliveryError   the broker did not acknowledge a produced record
     │       └── RecordsRefused  ... and never will (too large, invalid): those
     │                           records become ``unwritable`` dead letters
+    ├── Overloaded       a door (the HTTP gateway) has as many records waiting for
+    │                    the broker as it admits: the client is told to retry (429)
     ├── Unavailable      a system outside Kafka that the stage needs (a database,
     │                    an object store) cannot be reached: the batch is retried
     │                    whole, in place, with backoff; nothing is dead-lettered
@@ -73,6 +75,11 @@ class RecordsRefused(DeliveryError):
         super().__init__(message)
         self.refused = refused
         self.deliveries = deliveries
+
+
+class Overloaded(PipelineError):
+    """Too many records are waiting for the broker's acknowledgement to admit more:
+    nothing of the request was written; the client retries later (HTTP 429)."""
 
 
 class Unavailable(PipelineError):

@@ -42,7 +42,8 @@ from pipeline.contract import H_TRACEPARENT, child_traceparent_bytes
 from pipeline.edge.auth import TokenStore
 from pipeline.edge.openapi import openapi_document
 from pipeline.edge.split import BodyError, content_kind, decode_content, split_body
-from pipeline.edge.writer import BrokerProbe, EdgeWriter, Overloaded, Unavailable, target_topic
+from pipeline.edge.writer import BrokerProbe, EdgeWriter, target_topic
+from pipeline.errors import DeliveryError, Overloaded
 from pipeline.obs.metrics import EDGE_REJECTED, EDGE_REQUEST_SECONDS, EDGE_REQUESTS, REGISTRY
 from pipeline.records import Outgoing
 from pipeline.settings import Settings
@@ -172,7 +173,7 @@ class Gateway:
                 "too many readings waiting for Kafka; try again shortly",
                 {"Retry-After": str(limits.retry_after_s)},
             ) from None
-        except Unavailable as exc:
+        except DeliveryError as exc:
             raise _Answer(
                 503,
                 "unavailable",

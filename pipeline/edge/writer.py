@@ -19,7 +19,7 @@ from typing import Any
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 
-from pipeline.errors import ConfigError, DeliveryError
+from pipeline.errors import ConfigError, DeliveryError, Overloaded
 from pipeline.kafka.clients import bootstrap, client_config, producer
 from pipeline.kafka.produce import AsyncProducer
 from pipeline.obs.metrics import EDGE_IN_FLIGHT, EDGE_RECORDS
@@ -92,21 +92,14 @@ class BrokerProbe:
         return f"no Kafka broker answered at {self._bootstrap}"
 
 
-class Overloaded(Exception):
-    """Too many records in flight: answer 429 and let the client retry."""
-
-
-class Unavailable(Exception):
-    """The broker is unreachable or did not acknowledge in time: 503."""
-
-
 class EdgeWriter:
     """Acknowledged writes for the gateway: :meth:`write` returns only once the broker
-    acknowledged every record, or raises :class:`Overloaded` *before producing
-    anything* when ``max_in_flight`` records are already waiting, or
-    :class:`Unavailable` when the broker did not acknowledge within ``ack_timeout_s``
-    (records still queued are then written or dropped by the producer; a client that
-    retries gets duplicates at worst, which ingest and the aggregate recognise).
+    acknowledged every record, or raises :class:`~pipeline.errors.Overloaded` *before
+    producing anything* when ``max_in_flight`` records are already waiting, or
+    :class:`~pipeline.errors.DeliveryError` when the broker did not acknowledge within
+    ``ack_timeout_s`` (records still queued are then written or dropped by the
+    producer; a client that retries gets duplicates at worst, which ingest and the
+    aggregate recognise).
     """
 
     def __init__(
@@ -147,11 +140,9 @@ class EdgeWriter:
         try:
             await asyncio.wait_for(asyncio.shield(task), self._timeout)
         except TimeoutError:
-            raise Unavailable(
+            raise DeliveryError(
                 f"the broker did not acknowledge within {self._timeout:.0f}s"
             ) from None
-        except DeliveryError as exc:
-            raise Unavailable(f"the broker did not acknowledge: {exc}") from None
         self._acked.inc(n)
 
     def _settled(self, task: asyncio.Future[Any], n: int) -> None:
