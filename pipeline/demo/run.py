@@ -5,6 +5,11 @@ loads the sample registry, starts each stage as its own worker process, runs the
 simulator, shows live counts scraped from each worker's ``/metrics``, waits until
 every reading is through and the last windows closed, writes the aggregates to
 ``OUT/aggregates.parquet`` and checks that every good reading is counted once.
+
+Results also go out the way a deployment sends them: the built-in pipeline gets a
+fifth stage for the demo, the framework's Parquet sink (``pipeline.sinks:parquet``),
+which writes the windows to ``OUT/lake/`` (Hive directories by date and site), and
+the demo checks that the lake holds every window once.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import contextlib
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,7 +32,9 @@ from typing import Any
 
 import orjson
 import pyarrow as pa
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 from rich.live import Live
@@ -42,7 +50,7 @@ from pipeline.kafka.clients import admin
 from pipeline.kafka.embedded import BrokerHandle, free_port, resolve_broker
 from pipeline.kafka.offsets import read_topic
 from pipeline.kafka.topics import check_topics, create_topics
-from pipeline.settings import Settings, default_config_path
+from pipeline.settings import Settings, default_config_path, load_settings
 from stages.enrich import read_registry_csv
 
 AGGREGATE_COLUMNS = (
@@ -161,7 +169,7 @@ def _view(workers: list[Worker], sim: dict[str, Any], phase: str) -> Table:
         "duplicates",
         "windows",
         "metrics",
-    ):
+    ):  # windows: emitted by the aggregate, stored by the lake
         table.add_column(col, justify="right" if col not in ("stage", "metrics") else "left")
     for w in workers:
         table.add_row(
@@ -170,7 +178,9 @@ def _view(workers: list[Worker], sim: dict[str, Any], phase: str) -> Table:
             str(w.get("pipeline_records_produced_total")),
             str(w.get("pipeline_dlq_records_total")),
             str(w.get("pipeline_duplicates_dropped_total")),
-            str(w.get("pipeline_windows_emitted_total")) if w.stage == "aggregate" else "",
+            str(w.get("pipeline_windows_emitted_total") or w.get("pipeline_records_stored_total"))
+            if w.stage in ("aggregate", LAKE)
+            else "",
             f"http://127.0.0.1:{w.port}/metrics",
         )
     return table
@@ -248,6 +258,44 @@ def _start_door(
     return door, sender_of(), mosquitto
 
 
+#: the demo's Parquet sink stage (added to the built-in pipeline, see with_lake)
+LAKE = "lake"
+
+
+def with_lake(config: Path, settings: Settings, out_dir: Path) -> tuple[Path, Settings]:
+    """The config plus a Parquet sink of the aggregate's windows into ``out_dir/lake``,
+    written next to the outputs (the config itself is not changed). Configs without
+    the built-in ``aggregate`` stage are returned as they are."""
+    spec = settings.stages.get("aggregate")
+    if spec is None or spec.output is None or LAKE in settings.stages:
+        return config, settings
+    doc = yaml.safe_load(config.read_text(encoding="utf-8"))
+    doc["paths"] = [str((config.parent / p).resolve()) for p in doc.get("paths", [])]
+    dlq = f"{spec.output}.{LAKE}.dlq"
+    doc["topics"][dlq] = {"partitions": 1}
+    doc["stages"][LAKE] = {
+        "uses": "pipeline.sinks:parquet",
+        "inputs": [spec.output],
+        "dlq": dlq,
+        "config": {
+            "path": str((out_dir / "lake").resolve()),
+            "partition_by": ["date", "site"],
+            "roll_s": 2,
+        },
+    }
+    derived = out_dir / "pipeline.yaml"
+    derived.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
+    return derived, load_settings(derived, kafka_bootstrap_servers=settings.kafka_bootstrap_servers)
+
+
+def lake_windows(path: Path) -> list[dict[str, Any]]:
+    """The windows in the demo's lake (none before its first flush)."""
+    if not path.exists():
+        return []
+    table = ds.dataset(str(path), format="parquet", partitioning="hive").to_table()
+    return list(table.to_pylist())
+
+
 def write_aggregates(records: list[dict[str, Any]], path: Path) -> None:
     columns = {name: [r.get(name) for r in records] for name in AGGREGATE_COLUMNS}
     pq.write_table(pa.table(columns), path)
@@ -278,6 +326,9 @@ def run_demo(
     log_dir = out_dir / "logs"
     log_dir.mkdir(exist_ok=True)
     started = time.monotonic()
+    shutil.rmtree(out_dir / "lake", ignore_errors=True)  # a lake of an earlier run
+    results = settings.topology.final_topics()  # what the pipeline ends in (no sink)
+    config, settings = with_lake(config, settings, out_dir)
     broker: BrokerHandle = resolve_broker(settings.kafka_bootstrap_servers)
     console.print(f"broker: {broker.kind} at {broker.bootstrap}")
     workers: list[Worker] = []
@@ -362,7 +413,7 @@ def run_demo(
                     ):
                         drained_at = time.monotonic()
                         phase = "closing the last windows"
-                    windows = workers[-1].get("pipeline_windows_emitted_total")
+                    windows = sum(w.get("pipeline_windows_emitted_total") for w in workers)
                     if windows != last_windows and drained_at is not None:
                         last_windows = windows
                         drained_at = max(drained_at, time.monotonic() - wait_after_drain / 2)
@@ -375,11 +426,19 @@ def run_demo(
                 live.update(_view(workers, sim, "done"), refresh=True)
         aggregates = [
             orjson.loads(m.value() or b"null")
-            for topic in settings.topology.final_topics()
+            for topic in results
             for m in read_topic(settings, topic)
         ]
         write_aggregates(aggregates, out_dir / "aggregates.parquet")
         counted = sum(a["count"] for a in aggregates)
+        lake: list[dict[str, Any]] = []
+        if LAKE in settings.stages:  # the sink flushes every 2 s: wait for the last one
+            lake_deadline = time.monotonic() + 30
+            while time.monotonic() < lake_deadline:
+                lake = lake_windows(out_dir / "lake")
+                if len(lake) >= len(aggregates):
+                    break
+                time.sleep(0.5)
         summary = {
             "broker": broker.kind,
             "sent": sim.get("sent", 0),
@@ -392,6 +451,8 @@ def run_demo(
             "dead_letters": {w.stage: w.get("pipeline_dlq_records_total") for w in workers},
             "windows": len(aggregates),
             "readings_in_windows": counted,
+            "lake_windows": len(lake),
+            "lake_readings": sum(int(w["count"]) for w in lake),
             "seconds": round(time.monotonic() - started, 1),
         }
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -402,9 +463,19 @@ def run_demo(
                 f"{sim.get('good', 0)} good readings sent[/]"
             )
             return 1
+        if LAKE in settings.stages and (len(lake), summary["lake_readings"]) != (
+            len(aggregates),
+            counted,
+        ):
+            console.print(
+                f"[red]the lake holds {len(lake)} windows of {summary['lake_readings']} "
+                f"readings; the aggregates topic {len(aggregates)} of {counted}[/]"
+            )
+            return 1
+        lake_note = f" and the lake {out_dir / 'lake'}" if LAKE in settings.stages else ""
         console.print(
             f"[green]ok[/]: {len(aggregates)} windows, every good reading counted once; "
-            f"wrote {out_dir / 'aggregates.parquet'}"
+            f"wrote {out_dir / 'aggregates.parquet'}{lake_note}"
         )
         return 0
     except KeyboardInterrupt:
