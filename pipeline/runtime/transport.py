@@ -19,6 +19,7 @@ which is right on every broker, instead of ListOffsets.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from collections.abc import AsyncIterator, Mapping, Sequence, Set
 from typing import Any
@@ -222,7 +223,10 @@ class BatchConsumer(faust_aiokafka.Consumer):
                 self._unacked_messages.discard(message)
             if not self._unacked_messages:
                 break
+            gc.collect()  # as Faust does: the set is weak, a dropped batch may linger
             await self.commit()
+            if not self._unacked_messages:
+                break
             await self._wait_for_ack(timeout=1)
             self._clean_unacked_messages()
         await self.commit_and_end_transactions()
