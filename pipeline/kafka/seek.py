@@ -1,0 +1,240 @@
+"""Finding a time in a partition without reading the partition: O(log n) fetches.
+
+:meth:`PartitionSeeker.offset_for_time` returns the first offset whose record
+timestamp is at or after a target, in a partition whose timestamps do not go
+down (producer time of records produced in order, like lineage hops and dead
+letters: small disorder between producers is absorbed by the callers' margins).
+It asks the broker (``offsets_for_times``) and *verifies* the answer with the
+record at it and the one before; where the answer is wrong (the embedded broker
+answers 0 for every time, see TEST_BROKER.md) it bisects the offsets, one
+single-record fetch per step. The partition's end comes from a Fetch response's
+high watermark (right on every broker), not from ListOffsets.
+
+Every read is counted in a :class:`ReadCost`: records returned to this process
+and their bytes, fetches started (one per probe or scan), partitions touched.
+The consumer fetches small (``probe_bytes`` per partition per fetch, one fetch
+queued at a time), so a probe costs one record batch of the broker's, whatever
+the partition's length. No consumer group is joined, nothing is committed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from confluent_kafka import (
+    TIMESTAMP_NOT_AVAILABLE,
+    KafkaError,
+    KafkaException,
+    Message,
+    TopicPartition,
+)
+
+from pipeline.errors import BrokerError
+from pipeline.kafka.clients import broker_error, consumer
+from pipeline.settings import Settings
+
+TP = tuple[str, int]
+
+
+@dataclass
+class ReadCost:
+    """What the reads of one command cost (deterministic for a given topic)."""
+
+    #: records the reads returned, probes and scans
+    records: int = 0
+    #: their key, value and header bytes
+    bytes: int = 0
+    #: fetches started at a new offset (a bisection step, a verification, a scan)
+    seeks: int = 0
+    #: the partitions read
+    partitions: set[TP] = field(default_factory=set)
+
+    def count(self, msg: Message) -> None:
+        self.records += 1
+        size = len(msg.key() or b"") + len(msg.value() or b"")
+        headers: Any = msg.headers() or ()
+        for name, value in headers:
+            size += len(name) + len(value or b"")
+        self.bytes += size
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "records": self.records,
+            "bytes": self.bytes,
+            "seeks": self.seeks,
+            "partitions": sorted([list(tp) for tp in self.partitions]),
+        }
+
+
+def timestamp(msg: Message) -> int | None:
+    kind, ts = msg.timestamp()
+    return int(ts) if kind != TIMESTAMP_NOT_AVAILABLE and ts >= 0 else None
+
+
+class PartitionSeeker:
+    """Single records, bounds and time offsets of partitions, read with assign."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        timeout: float = 15.0,
+        cost: ReadCost | None = None,
+        probe_bytes: int = 65536,
+    ) -> None:
+        self.cost = cost if cost is not None else ReadCost()
+        self._timeout = timeout
+        small: dict[str, Any] = {
+            "fetch.message.max.bytes": probe_bytes,
+            "queued.min.messages": 1,
+            "queued.max.messages.kbytes": max(64, probe_bytes // 512),
+            "fetch.wait.max.ms": 10,
+            "fetch.error.backoff.ms": 50,
+            # librdkafka otherwise waits 1 s before fetching again once its queue
+            # holds queued.min.messages: every probe would take a second
+            "fetch.queue.backoff.ms": 0,
+        }
+        self._consumer = consumer(settings, None, **small)
+        self._bounds: dict[TP, tuple[int, int]] = {}
+
+    def close(self) -> None:
+        self._consumer.close()
+
+    def __enter__(self) -> PartitionSeeker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- reading ---------------------------------------------------------------------
+    def scan(self, tp: TP, start: int, end: int | None = None) -> Iterator[Message]:
+        """Records of ``tp`` from ``start`` up to ``end`` (default: its end as of
+        :meth:`bounds`), in order; stop iterating to stop reading. BrokerError if
+        nothing arrives for ``timeout`` seconds."""
+        stop = self.bounds(tp)[1] if end is None else end
+        if start >= stop:
+            return
+        topic, partition = tp
+        self.cost.seeks += 1
+        self.cost.partitions.add(tp)
+        self._consumer.assign([TopicPartition(topic, partition, start)])
+        deadline = time.monotonic() + self._timeout
+        try:
+            while True:
+                try:
+                    # what is queued, at once; else wait for one record (consume would
+                    # wait for its 500 records until the timeout)
+                    batch = self._consumer.consume(num_messages=500, timeout=0)
+                    if not batch:
+                        one = self._consumer.poll(0.2)
+                        batch = [one] if one is not None else []
+                except KafkaException as exc:
+                    raise broker_error(f"cannot read {topic}[{partition}]", exc) from None
+                if not batch and time.monotonic() > deadline:
+                    raise BrokerError(
+                        f"reading {topic}[{partition}] from offset {start} got nothing within "
+                        f"{self._timeout:.0f}s; is the broker at KAFKA_BOOTSTRAP_SERVERS up?"
+                    )
+                for msg in batch:
+                    at = msg.offset()
+                    if (msg.topic(), msg.partition()) != tp or at is None:
+                        continue
+                    err = msg.error()
+                    if err is not None:
+                        if err.code() == KafkaError._PARTITION_EOF:
+                            if at >= stop:
+                                return
+                            continue
+                        raise BrokerError(f"reading {topic}[{partition}]: {err.str()}")
+                    if at < start:
+                        continue  # the rest of a batch fetched from before ``start``
+                    if at >= stop:
+                        return
+                    self.cost.count(msg)
+                    deadline = time.monotonic() + self._timeout
+                    yield msg
+                    if at + 1 >= stop:
+                        return
+        finally:
+            self._consumer.unassign()
+
+    def first_at(self, tp: TP, offset: int, end: int | None = None) -> Message | None:
+        """The first record of ``tp`` at or after ``offset`` (and before ``end``)."""
+        for msg in self.scan(tp, offset, end):
+            return msg
+        return None
+
+    # -- bounds and times ------------------------------------------------------------
+    def bounds(self, tp: TP) -> tuple[int, int]:
+        """``(low, high)`` watermarks of ``tp``: high from a Fetch response (one probe
+        of the partition's last record), read once per seeker."""
+        known = self._bounds.get(tp)
+        if known is not None:
+            return known
+        part = TopicPartition(*tp)
+        try:
+            low, reported = self._consumer.get_watermark_offsets(part, timeout=self._timeout)
+        except KafkaException as exc:
+            raise broker_error(f"cannot read the offsets of {tp[0]}[{tp[1]}]", exc) from None
+        high = reported
+        if reported > 0:
+            self._bounds[tp] = (low, reported + 1)  # let the probe read the last record
+            last = self.first_at(tp, reported - 1)
+            if last is not None:
+                _, fetched = self._consumer.get_watermark_offsets(part, cached=True)
+                high = max(fetched, (last.offset() or 0) + 1, reported)
+        self._bounds[tp] = (low, high)
+        return low, high
+
+    def offset_for_time(self, tp: TP, target_ms: int) -> tuple[int, str]:
+        """The first offset of ``tp`` whose timestamp is >= ``target_ms`` (its high
+        watermark when there is none), and how it was found: ``"broker"`` (the
+        broker's answer, verified) or ``"bisection"``."""
+        low, high = self.bounds(tp)
+        if high <= low:
+            return high, "broker"
+        try:
+            (answer,) = self._consumer.offsets_for_times(
+                [TopicPartition(tp[0], tp[1], target_ms)], timeout=self._timeout
+            )
+            candidate = answer.offset if answer.error is None and answer.offset >= 0 else high
+        except KafkaException:
+            candidate = -1
+        if low <= candidate <= high and self._verified(tp, candidate, target_ms, low, high):
+            return candidate, "broker"
+        return self._bisect(tp, target_ms, low, high), "bisection"
+
+    def _verified(self, tp: TP, offset: int, target_ms: int, low: int, high: int) -> bool:
+        if offset < high:
+            here = self.first_at(tp, offset, high)
+            if here is None or here.offset() != offset:
+                return False
+            ts = timestamp(here)
+            if ts is None or ts < target_ms:
+                return False
+        if offset == low:
+            return True
+        before = self.first_at(tp, offset - 1, high)
+        if before is None or before.offset() != offset - 1:
+            return False  # a gap before it (compaction): let the bisection decide
+        ts = timestamp(before)
+        return ts is not None and ts < target_ms
+
+    def _bisect(self, tp: TP, target_ms: int, low: int, high: int) -> int:
+        found = high
+        lo, hi = low, high
+        while lo < hi:
+            mid = (lo + hi) // 2
+            msg = self.first_at(tp, mid, hi)
+            if msg is None:  # nothing in [mid, hi): the answer is before mid
+                hi = mid
+                continue
+            at = msg.offset() or 0
+            ts = timestamp(msg)
+            if ts is not None and ts >= target_ms:
+                found, hi = at, mid
+            else:
+                lo = at + 1
+        return found
