@@ -12,13 +12,17 @@ high watermark (right on every broker), not from ListOffsets.
 
 Every read is counted in a :class:`ReadCost`: records returned to this process
 and their bytes, fetches started (one per probe or scan), partitions touched.
-The consumer fetches small (``probe_bytes`` per partition per fetch, one fetch
-queued at a time), so a probe costs one record batch of the broker's, whatever
-the partition's length. No consumer group is joined, nothing is committed.
+Single records are fetched small (``probe_bytes`` per fetch, one fetch queued at
+a time), so a probe costs one record batch of the broker's (a broker returns
+whole batches: up to the producers' ``batch.size``), whatever the partition's
+length; ranges (:meth:`PartitionSeeker.scan`) in fetches of ``scan_bytes``;
+``measure=True`` adds what the client received (librdkafka's statistics). No
+consumer group is joined, nothing is committed.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -51,6 +55,10 @@ class ReadCost:
     seeks: int = 0
     #: the partitions read
     partitions: set[TP] = field(default_factory=set)
+    #: bytes and records the client received from the broker, whole record batches
+    #: and protocol included (librdkafka's statistics; None unless measured)
+    received_bytes: int | None = None
+    received_records: int | None = None
 
     def count(self, msg: Message) -> None:
         self.records += 1
@@ -66,6 +74,8 @@ class ReadCost:
             "bytes": self.bytes,
             "seeks": self.seeks,
             "partitions": sorted([list(tp) for tp in self.partitions]),
+            "received_bytes": self.received_bytes,
+            "received_records": self.received_records,
         }
 
 
@@ -82,25 +92,56 @@ class PartitionSeeker:
         settings: Settings,
         timeout: float = 15.0,
         cost: ReadCost | None = None,
-        probe_bytes: int = 65536,
+        probe_bytes: int = 4096,
+        scan_bytes: int = 1 << 18,
+        measure: bool = False,
     ) -> None:
         self.cost = cost if cost is not None else ReadCost()
+        self._settings = settings
         self._timeout = timeout
-        small: dict[str, Any] = {
-            "fetch.message.max.bytes": probe_bytes,
+        self._measure = measure
+        self._received: dict[str, tuple[int, int]] = {}
+        #: single records: fetches of one batch; ranges: fetches of up to ``scan_bytes``
+        self._probe = self._client("probe", probe_bytes)
+        self._scan_bytes = scan_bytes
+        self._scanner: Any = None
+        self._bounds: dict[TP, tuple[int, int]] = {}
+
+    def _client(self, name: str, fetch_bytes: int) -> Any:
+        config: dict[str, Any] = {
+            "fetch.message.max.bytes": fetch_bytes,
+            "fetch.max.bytes": fetch_bytes,
+            "message.max.bytes": max(1000, fetch_bytes),
+            "receive.message.max.bytes": 2**31 - 1,
             "queued.min.messages": 1,
-            "queued.max.messages.kbytes": max(64, probe_bytes // 512),
+            "queued.max.messages.kbytes": max(1, fetch_bytes // 1024),
             "fetch.wait.max.ms": 10,
             "fetch.error.backoff.ms": 50,
             # librdkafka otherwise waits 1 s before fetching again once its queue
             # holds queued.min.messages: every probe would take a second
             "fetch.queue.backoff.ms": 0,
         }
-        self._consumer = consumer(settings, None, **small)
-        self._bounds: dict[TP, tuple[int, int]] = {}
+        if self._measure:
+            config |= {
+                "statistics.interval.ms": 20,
+                "stats_cb": lambda raw: self._on_stats(name, raw),
+            }
+        return consumer(self._settings, None, **config)
+
+    def _on_stats(self, name: str, raw: str) -> None:
+        stats = json.loads(raw)
+        self._received[name] = (int(stats["rx_bytes"]), int(stats["rxmsgs"]))
+        self.cost.received_bytes = sum(b for b, _ in self._received.values())
+        self.cost.received_records = sum(n for _, n in self._received.values())
 
     def close(self) -> None:
-        self._consumer.close()
+        clients = [c for c in (self._probe, self._scanner) if c is not None]
+        if self._measure:  # the last statistics, after the last fetch
+            time.sleep(0.06)
+            for client in clients:
+                client.poll(0)
+        for client in clients:
+            client.close()
 
     def __enter__(self) -> PartitionSeeker:
         return self
@@ -113,22 +154,26 @@ class PartitionSeeker:
         """Records of ``tp`` from ``start`` up to ``end`` (default: its end as of
         :meth:`bounds`), in order; stop iterating to stop reading. BrokerError if
         nothing arrives for ``timeout`` seconds."""
-        stop = self.bounds(tp)[1] if end is None else end
+        if self._scanner is None:
+            self._scanner = self._client("scan", self._scan_bytes)
+        return self._read(self._scanner, tp, start, self.bounds(tp)[1] if end is None else end)
+
+    def _read(self, client: Any, tp: TP, start: int, stop: int) -> Iterator[Message]:
         if start >= stop:
             return
         topic, partition = tp
         self.cost.seeks += 1
         self.cost.partitions.add(tp)
-        self._consumer.assign([TopicPartition(topic, partition, start)])
+        client.assign([TopicPartition(topic, partition, start)])
         deadline = time.monotonic() + self._timeout
         try:
             while True:
                 try:
                     # what is queued, at once; else wait for one record (consume would
                     # wait for its 500 records until the timeout)
-                    batch = self._consumer.consume(num_messages=500, timeout=0)
+                    batch = client.consume(num_messages=500, timeout=0)
                     if not batch:
-                        one = self._consumer.poll(0.2)
+                        one = client.poll(0.2)
                         batch = [one] if one is not None else []
                 except KafkaException as exc:
                     raise broker_error(f"cannot read {topic}[{partition}]", exc) from None
@@ -158,11 +203,12 @@ class PartitionSeeker:
                     if at + 1 >= stop:
                         return
         finally:
-            self._consumer.unassign()
+            client.unassign()
 
     def first_at(self, tp: TP, offset: int, end: int | None = None) -> Message | None:
         """The first record of ``tp`` at or after ``offset`` (and before ``end``)."""
-        for msg in self.scan(tp, offset, end):
+        stop = self.bounds(tp)[1] if end is None else end
+        for msg in self._read(self._probe, tp, offset, stop):
             return msg
         return None
 
@@ -175,7 +221,7 @@ class PartitionSeeker:
             return known
         part = TopicPartition(*tp)
         try:
-            low, reported = self._consumer.get_watermark_offsets(part, timeout=self._timeout)
+            low, reported = self._probe.get_watermark_offsets(part, timeout=self._timeout)
         except KafkaException as exc:
             raise broker_error(f"cannot read the offsets of {tp[0]}[{tp[1]}]", exc) from None
         high = reported
@@ -183,7 +229,7 @@ class PartitionSeeker:
             self._bounds[tp] = (low, reported + 1)  # let the probe read the last record
             last = self.first_at(tp, reported - 1)
             if last is not None:
-                _, fetched = self._consumer.get_watermark_offsets(part, cached=True)
+                _, fetched = self._probe.get_watermark_offsets(part, cached=True)
                 high = max(fetched, (last.offset() or 0) + 1, reported)
         self._bounds[tp] = (low, high)
         return low, high
@@ -196,7 +242,7 @@ class PartitionSeeker:
         if high <= low:
             return high, "broker"
         try:
-            (answer,) = self._consumer.offsets_for_times(
+            (answer,) = self._probe.offsets_for_times(
                 [TopicPartition(tp[0], tp[1], target_ms)], timeout=self._timeout
             )
             candidate = answer.offset if answer.error is None and answer.offset >= 0 else high

@@ -43,8 +43,9 @@ from pipeline.settings import Settings
 #: the search starts this long before the id's time (device clocks a little ahead,
 #: producers' clocks a little apart)
 LEAD_MS = 60_000
-#: a complete path: the scan goes on this long past its last hop (a re-delivery)
-SETTLE_MS = 60_000
+#: a complete path: the scan goes on this long past its last hop (hops of one record
+#: written by two workers can land a few milliseconds out of order)
+SETTLE_MS = 5_000
 DEFAULT_WITHIN_MS = 3_600_000
 
 
@@ -178,7 +179,7 @@ class _Finder:
         record: the first one after the hop (the last in the window with
         ``whole_window``, i.e. after corrections)."""
         tp = (self.topic, lineage_partition(ref, self.partitions))
-        start = counted_at - LEAD_MS
+        start = counted_at - SETTLE_MS  # emitted after it was counted (clocks apart a little)
         offset, _ = self.seeker.offset_for_time(tp, start)
         needle = orjson.dumps(ref)[1:-1]  # as the text sits inside the JSON value
         read = self.seeker.cost.records
@@ -216,13 +217,16 @@ class _Finder:
         return {**(doc if isinstance(doc, dict) else {"value": doc}), "at": list(where)}
 
 
-def find(settings: Settings, lineage_id: str, search: Search | None = None) -> Found:
+def find(
+    settings: Settings, lineage_id: str, search: Search | None = None, measure: bool = False
+) -> Found:
     """The trace of ``lineage_id`` from bounded reads (see the module docstring):
-    what was read and what it cost beside it. ConfigError if lineage is off, or if
-    the id is no ULID and ``search`` gives no start."""
+    what was read and what it cost beside it (``measure``: with the bytes the client
+    received). ConfigError if lineage is off, or if the id is no ULID and ``search``
+    gives no start."""
     search = search or Search()
     cost = ReadCost()
-    with PartitionSeeker(settings, cost=cost) as seeker:
+    with PartitionSeeker(settings, cost=cost, measure=measure) as seeker:
         finder = _Finder(settings, search, seeker)
         raw = finder.hops(lineage_id)
         own = [h for h in raw if "child" not in h]

@@ -137,13 +137,18 @@ def write_lineage(
     hops_per_s: float,
     traced: Sequence[TracedReading] = (),
     hops_per_batch: int = 50,
+    batch_records: int = 4,
 ) -> int:
     """Write the history (see the module docstring); returns the lineage records
     written. Raises BrokerError if the broker does not acknowledge them."""
     topic = settings.lineage_topic
     assert topic is not None
+    # broker batches of a few records, as workers make them (one lineage record per
+    # partition per input batch, 1 ms linger): a fetch returns whole batches, so the
+    # batches' size is what one probe of a bisection costs
     client = producer(
-        settings, **{"linger.ms": 20, "batch.size": 1_000_000, "enable.idempotence": False}
+        settings,
+        **{"linger.ms": 5, "batch.num.messages": batch_records, "enable.idempotence": False},
     )
     extra: list[Timed] = []
     for reading in traced:
