@@ -1,5 +1,7 @@
 """Long histories, written fast, for benchmarks and tests of what reads them.
 
+:func:`write_dead_letters` writes dead letters to a stage's DLQ as the stages do.
+
 :func:`write_lineage` writes ``hops`` lineage hops to the lineage topic as the
 stages would (format 2, placed by lineage id, :mod:`pipeline.lineage.placing`),
 ``hops_per_s`` of them per second of record time from ``start_ms``, straight
@@ -18,6 +20,7 @@ from typing import Any
 
 import orjson
 
+from dlq.envelope import DeadLetter, dead_letter_record
 from pipeline import contract
 from pipeline.errors import BrokerError
 from pipeline.kafka.clients import producer
@@ -183,3 +186,48 @@ def _produce(client: Any, record: Timed) -> int:
             return 1
         except BufferError:
             client.poll(0.05)
+
+
+def write_dead_letters(
+    settings: Settings,
+    stage: str,
+    count: int,
+    start_ms: int,
+    per_s: float,
+    reasons: Sequence[str] = ("schema_violation", "out_of_range", "decode_error"),
+    source: str | None = None,
+    batch_records: int = 64,
+) -> list[tuple[int, str]]:
+    """Write ``count`` dead letters of ``stage`` to its DLQ as the stages would (the
+    envelope, record time = failed-at), ``per_s`` per second of failed-at from
+    ``start_ms``, reasons in turn, ``source`` (``backfill:<run>``) if given;
+    returns ``(failed-at, reason)`` of each."""
+    spec = settings.stage(stage)
+    client = producer(
+        settings,
+        **{"linger.ms": 5, "batch.num.messages": batch_records, "enable.idempotence": False},
+    )
+    headers = ((contract.H_SOURCE, source.encode()),) if source else ()
+    written = []
+    for i in range(count):
+        failed_at = start_ms + int(i * 1000 / per_s)
+        reason = reasons[i % len(reasons)]
+        dead = DeadLetter(
+            stage=stage,
+            reason=reason,
+            error_class="InvalidMessage",
+            error_message=f"reading {i} is bad",
+            key=b"dev-%d" % (i % 100),
+            value=b'{"device_id": "dev-%d", "seq": %d}' % (i % 100, i),
+            headers=headers,
+            topic=spec.inputs[0],
+            partition=i % 4,
+            offset=i,
+            timestamp_ms=failed_at - 5_000,
+        )
+        topic, key, value, envelope, ts = dead_letter_record(dead, spec.dlq, failed_at)
+        _produce(client, (ts or failed_at, topic, 0, key, value, envelope))
+        written.append((failed_at, reason))
+    if client.flush(120) > 0:
+        raise BrokerError("the dead letters were not acknowledged within 120 s")
+    return written
