@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Sequence
+from operator import itemgetter
 from typing import Any
 
 import orjson
@@ -86,27 +87,44 @@ def _chunks(groups: Sequence[tuple[dict[str, Any], int]]) -> list[list[dict[str,
 def _split(group: dict[str, Any], partitions: int) -> dict[int, tuple[dict[str, Any], int]]:
     """One group's hops by lineage partition (a child's hop also under its parent's)."""
     ids = group["ids"].split(" ")
+    crc = zlib.crc32
+    parts = [crc(lineage_id.encode()) % partitions for lineage_id in ids]
     parents = group.get("parents")
     chosen: dict[int, list[int]] = {}
-    crc = zlib.crc32
-    for i, lineage_id in enumerate(ids):
-        p = crc(lineage_id.encode()) % partitions
-        chosen.setdefault(p, []).append(i)
-        if parents is not None and parents[i]:
-            q = crc(parents[i].encode()) % partitions
-            if q != p:
-                chosen.setdefault(q, []).append(i)
-    if len(chosen) == 1:
-        ((p, _),) = chosen.items()
-        return {p: (group, len(ids))}
+    if parents is None:
+        if parts.count(parts[0]) == len(parts):
+            return {parts[0]: (group, len(ids))}
+        for i, p in enumerate(parts):
+            picked = chosen.get(p)
+            if picked is None:
+                chosen[p] = [i]
+            else:
+                picked.append(i)
+    else:
+        for i, p in enumerate(parts):
+            chosen.setdefault(p, []).append(i)
+            if parents[i]:
+                q = crc(parents[i].encode()) % partitions
+                if q != p:
+                    chosen.setdefault(q, []).append(i)
+        if len(chosen) == 1:
+            ((p, _),) = chosen.items()
+            return {p: (group, len(ids))}
     placed = {}
     columns = [c for c in COLUMNS if c in group]
+    head = {k: v for k, v in group.items() if k not in COLUMNS and k != "ids"}
     for p, picked in chosen.items():
-        part = {k: v for k, v in group.items() if k not in COLUMNS and k != "ids"}
-        part["ids"] = " ".join([ids[i] for i in picked])
-        for column in columns:
-            values = group[column]
-            part[column] = [values[i] for i in picked]
+        part = dict(head)
+        if len(picked) == 1:
+            (i,) = picked
+            part["ids"] = ids[i]
+            for column in columns:
+                part[column] = [group[column][i]]
+        else:
+            take = itemgetter(*picked)
+            part["ids"] = " ".join(take(ids))
+            for column in columns:
+                part[column] = take(group[column])  # a tuple: written as a JSON array
         placed[p] = (part, len(picked))
     return placed
 
