@@ -20,7 +20,7 @@ from typing import Any
 
 import orjson
 
-from dlq.envelope import DeadLetter, dead_letter_record
+from dlq.envelope import FAILED_AT, DeadLetter, dead_letter_record
 from pipeline import contract
 from pipeline.errors import BrokerError
 from pipeline.kafka.clients import producer
@@ -208,26 +208,32 @@ def write_dead_letters(
         **{"linger.ms": 5, "batch.num.messages": batch_records, "enable.idempotence": False},
     )
     headers = ((contract.H_SOURCE, source.encode()),) if source else ()
-    written = []
-    for i in range(count):
-        failed_at = start_ms + int(i * 1000 / per_s)
-        reason = reasons[i % len(reasons)]
+    templates = []  # one envelope per reason; failed-at is put in per record
+    for reason in reasons:
         dead = DeadLetter(
             stage=stage,
             reason=reason,
             error_class="InvalidMessage",
-            error_message=f"reading {i} is bad",
-            key=b"dev-%d" % (i % 100),
-            value=b'{"device_id": "dev-%d", "seq": %d}' % (i % 100, i),
+            error_message="a bad reading",
+            key=b"dev-1",
+            value=b'{"device_id": "dev-1", "seq": 1}',
             headers=headers,
             topic=spec.inputs[0],
-            partition=i % 4,
-            offset=i,
-            timestamp_ms=failed_at - 5_000,
+            partition=0,
+            offset=0,
+            timestamp_ms=start_ms,
         )
-        topic, key, value, envelope, ts = dead_letter_record(dead, spec.dlq, failed_at)
-        _produce(client, (ts or failed_at, topic, 0, key, value, envelope))
-        written.append((failed_at, reason))
+        _, key, value, envelope, _ = dead_letter_record(dead, spec.dlq, 0)
+        at = next(i for i, (name, _) in enumerate(envelope) if name == FAILED_AT)
+        templates.append((key, value, envelope, at))
+    written = []
+    for i in range(count):
+        failed_at = start_ms + int(i * 1000 / per_s)
+        key, value, envelope, at = templates[i % len(templates)]
+        envelope = list(envelope)
+        envelope[at] = (FAILED_AT, b"%d" % failed_at)
+        _produce(client, (failed_at, spec.dlq, 0, key, value, envelope))
+        written.append((failed_at, reasons[i % len(reasons)]))
     if client.flush(120) > 0:
         raise BrokerError("the dead letters were not acknowledged within 120 s")
     return written
