@@ -86,10 +86,10 @@ def trace_command(
         located = find.find(settings, lineage_id, search)
         found, searched, cost = located.trace, located.searched, located.cost
     if not found.hops and not found.children:
-        where = _searched(searched[0]) if searched else f"on {settings.lineage_topic}"
+        where = _searched(searched[0]) if searched else f"{settings.lineage_topic}"
         hint = "" if everything else "; give --from (when it was sent), --within, or --all"
         raise PipelineError(
-            f"no hop of {lineage_id} {where}; check the id (a ULID from the lineage-id "
+            f"no hop of {lineage_id} in {where}; check the id (a ULID from the lineage-id "
             f"header) and that the record reached ingest{hint}"
         )
     if as_json:
@@ -136,8 +136,11 @@ def trace_command(
 
 
 def _searched(part: find.Searched) -> str:
-    until = from_ms(part.to_ms).isoformat() if part.to_ms is not None else "its end"
+    def when(ms: int) -> str:
+        return from_ms(ms).isoformat(timespec="milliseconds")
+
+    until = when(part.to_ms) if part.to_ms is not None else "its end"
     return (
-        f"in {part.records} record(s) of {part.topic}[{part.partition}] from "
-        f"{from_ms(part.from_ms).isoformat()} to {until}"
+        f"{part.records} record(s) of {part.topic}[{part.partition}] from "
+        f"{when(part.from_ms)} to {until}"
     )

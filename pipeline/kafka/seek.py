@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -247,40 +247,72 @@ class PartitionSeeker:
             )
             candidate = answer.offset if answer.error is None and answer.offset >= 0 else high
         except KafkaException:
-            candidate = -1
-        if low <= candidate <= high and self._verified(tp, candidate, target_ms, low, high):
-            return candidate, "broker"
-        return self._bisect(tp, target_ms, low, high), "bisection"
+            candidate = None
 
-    def _verified(self, tp: TP, offset: int, target_ms: int, low: int, high: int) -> bool:
-        if offset < high:
-            here = self.first_at(tp, offset, high)
-            if here is None or here.offset() != offset:
-                return False
-            ts = timestamp(here)
-            if ts is None or ts < target_ms:
-                return False
-        if offset == low:
-            return True
-        before = self.first_at(tp, offset - 1, high)
-        if before is None or before.offset() != offset - 1:
-            return False  # a gap before it (compaction): let the bisection decide
-        ts = timestamp(before)
-        return ts is not None and ts < target_ms
+        def probe(offset: int, end: int) -> Stamped | None:
+            msg = self.first_at(tp, offset, end)
+            return None if msg is None else ((msg.offset() or 0), timestamp(msg))
 
-    def _bisect(self, tp: TP, target_ms: int, low: int, high: int) -> int:
-        found = high
-        lo, hi = low, high
-        while lo < hi:
-            mid = (lo + hi) // 2
-            msg = self.first_at(tp, mid, hi)
-            if msg is None:  # nothing in [mid, hi): the answer is before mid
-                hi = mid
-                continue
-            at = msg.offset() or 0
-            ts = timestamp(msg)
-            if ts is not None and ts >= target_ms:
-                found, hi = at, mid
-            else:
-                lo = at + 1
-        return found
+        return time_offset(target_ms, candidate, low, high, probe)
+
+
+#: a record's (offset, timestamp)
+Stamped = tuple[int, int | None]
+
+
+def time_offset(
+    target_ms: int,
+    candidate: int | None,
+    low: int,
+    high: int,
+    probe: Callable[[int, int], Stamped | None],
+) -> tuple[int, str]:
+    """The first offset in ``[low, high)`` whose timestamp is >= ``target_ms``
+    (``high`` if none), for timestamps that do not go down; and ``"broker"`` or
+    ``"bisection"``.
+
+    ``candidate`` is the broker's ``offsets_for_times`` answer (None: none): taken
+    when the record at it is at or after the target (or it is ``high``) and the one
+    just before it is earlier (or it is ``low``): two probes. Otherwise a bisection:
+    ``probe(offset, end)`` gives the first record in ``[offset, end)`` or None;
+    about log2(high - low) probes.
+    """
+    if (
+        candidate is not None
+        and low <= candidate <= high
+        and _holds(target_ms, candidate, low, high, probe)
+    ):
+        return candidate, "broker"
+    found = high
+    lo, hi = low, high
+    while lo < hi:
+        mid = (lo + hi) // 2
+        first = probe(mid, hi)
+        if first is None:  # nothing in [mid, hi): the answer is before mid
+            hi = mid
+            continue
+        at, ts = first
+        if ts is not None and ts >= target_ms:
+            found, hi = at, mid
+        else:
+            lo = at + 1
+    return found, "bisection"
+
+
+def _holds(
+    target_ms: int,
+    offset: int,
+    low: int,
+    high: int,
+    probe: Callable[[int, int], Stamped | None],
+) -> bool:
+    if offset < high:
+        here = probe(offset, high)
+        if here is None or here[0] != offset or here[1] is None or here[1] < target_ms:
+            return False
+    if offset == low:
+        return True
+    before = probe(offset - 1, high)
+    if before is None or before[0] != offset - 1:
+        return False  # a gap before it (compaction): let the bisection decide
+    return before[1] is not None and before[1] < target_ms
