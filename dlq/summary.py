@@ -34,6 +34,9 @@ from pipeline.settings import Settings
 #: reads start this long before ``since`` and stop this long after ``until``
 MARGIN_MS = 60_000
 DEFAULT_WINDOW_MS = 24 * 3_600_000
+#: the search for ``since`` may stop this many records before it (they are read and
+#: fail the window's test)
+SLACK = 64
 
 TP = tuple[str, int]
 
@@ -64,7 +67,7 @@ def _window(
     until_ms: int | None,
 ) -> Iterator[StoredDeadLetter]:
     topic = reader.settings.stage(stage).dlq
-    start, _ = seeker.offset_for_time((topic, partition), since_ms - MARGIN_MS)
+    start, _ = seeker.offset_for_time((topic, partition), since_ms - MARGIN_MS, SLACK)
     start = max(start, reader.floor(topic, partition))
     stop = None if until_ms is None else until_ms + MARGIN_MS
     for letter in reader.dead_letters(stage, partition, start):
@@ -128,11 +131,13 @@ def run_dead_letters(
             owners = owners_of(settings, topic)
             for partition in partitions[topic]:
                 start = (start_offsets or {}).get(f"{topic}:{partition}")
+                earliest = 0
                 if start is None:
-                    start, _ = seeker.offset_for_time((topic, partition), started_ms - MARGIN_MS)
+                    earliest = started_ms - MARGIN_MS
+                    start, _ = seeker.offset_for_time((topic, partition), earliest, SLACK)
                 for msg in reader.records(topic, partition, start):
                     headers = dict(msg.headers() or [])
-                    if headers.get(H_SOURCE) != wanted:
+                    if headers.get(H_SOURCE) != wanted or msg.timestamp()[1] < earliest:
                         continue
                     holder = (headers.get("dlq.stage") or b"").decode("utf-8", "replace")
                     stage = holder if holder in owners else owners[0]

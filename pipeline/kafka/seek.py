@@ -6,8 +6,9 @@ down (producer time of records produced in order, like lineage hops and dead
 letters: small disorder between producers is absorbed by the callers' margins).
 It asks the broker (``offsets_for_times``) and *verifies* the answer with the
 record at it and the one before; where the answer is wrong (the embedded broker
-answers 0 for every time, see TEST_BROKER.md) it bisects the offsets, one
-single-record fetch per step. The partition's end comes from a Fetch response's
+answers 0 for every time, see TEST_BROKER.md) it searches the offsets, one
+single-record fetch per step (:func:`time_offset`: bisection steps alternating
+with interpolation ones). The partition's end comes from a Fetch response's
 high watermark (right on every broker), not from ListOffsets.
 
 Every read is counted in a :class:`ReadCost`: records returned to this process
@@ -234,10 +235,11 @@ class PartitionSeeker:
         self._bounds[tp] = (low, high)
         return low, high
 
-    def offset_for_time(self, tp: TP, target_ms: int) -> tuple[int, str]:
+    def offset_for_time(self, tp: TP, target_ms: int, slack: int = 0) -> tuple[int, str]:
         """The first offset of ``tp`` whose timestamp is >= ``target_ms`` (its high
-        watermark when there is none), and how it was found: ``"broker"`` (the
-        broker's answer, verified) or ``"bisection"``."""
+        watermark when there is none), or with ``slack`` up to that many offsets
+        before it; and how it was found: ``"broker"`` (the broker's answer,
+        verified) or ``"search"`` (:func:`time_offset`)."""
         low, high = self.bounds(tp)
         if high <= low:
             return high, "broker"
@@ -253,7 +255,7 @@ class PartitionSeeker:
             msg = self.first_at(tp, offset, end)
             return None if msg is None else ((msg.offset() or 0), timestamp(msg))
 
-        return time_offset(target_ms, candidate, low, high, probe)
+        return time_offset(target_ms, candidate, low, high, probe, slack)
 
 
 #: a record's (offset, timestamp)
@@ -266,16 +268,20 @@ def time_offset(
     low: int,
     high: int,
     probe: Callable[[int, int], Stamped | None],
+    slack: int = 0,
 ) -> tuple[int, str]:
     """The first offset in ``[low, high)`` whose timestamp is >= ``target_ms``
     (``high`` if none), for timestamps that do not go down; and ``"broker"`` or
-    ``"bisection"``.
+    ``"search"``. With ``slack``, the search may stop up to ``slack`` offsets before
+    it (the caller reads on from there and skips the earlier records).
 
     ``candidate`` is the broker's ``offsets_for_times`` answer (None: none): taken
     when the record at it is at or after the target (or it is ``high``) and the one
-    just before it is earlier (or it is ``low``): two probes. Otherwise a bisection:
-    ``probe(offset, end)`` gives the first record in ``[offset, end)`` or None;
-    about log2(high - low) probes.
+    just before it is earlier (or it is ``low``): two probes. Otherwise a search:
+    ``probe(offset, end)`` gives the first record in ``[offset, end)`` or None.
+    Steps alternate between bisection and interpolation on the times found so far
+    (records come at a steady rate, mostly): at most about 2·log2(high - low)
+    probes, far fewer when the rate is steady.
     """
     if (
         candidate is not None
@@ -285,18 +291,27 @@ def time_offset(
         return candidate, "broker"
     found = high
     lo, hi = low, high
-    while lo < hi:
+    lo_ts: int | None = None  # the time of a record just before ``lo``
+    hi_ts: int | None = None  # the time of the record at ``found``
+    step = 0
+    while hi - lo > slack:
         mid = (lo + hi) // 2
+        if step % 2 and lo_ts is not None and hi_ts is not None and hi_ts > lo_ts:
+            share = (target_ms - lo_ts) / (hi_ts - lo_ts)
+            mid = min(hi - 1, max(lo, lo + int(share * (hi - lo))))
+        step += 1
         first = probe(mid, hi)
         if first is None:  # nothing in [mid, hi): the answer is before mid
             hi = mid
             continue
         at, ts = first
         if ts is not None and ts >= target_ms:
-            found, hi = at, mid
+            found, hi, hi_ts = at, mid, ts
         else:
-            lo = at + 1
-    return found, "bisection"
+            lo, lo_ts = at + 1, ts
+    # all records before ``lo`` are earlier; the first at or after is in [lo, hi) or at
+    # ``found``: with slack, reading on from ``lo`` finds it
+    return (found if slack == 0 else lo), "search"
 
 
 def _holds(

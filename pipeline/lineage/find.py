@@ -47,6 +47,9 @@ LEAD_MS = 60_000
 #: written by two workers can land a few milliseconds out of order)
 SETTLE_MS = 5_000
 DEFAULT_WITHIN_MS = 3_600_000
+#: the search for the start may stop this many records before it: reading them
+#: costs less than the last probes would
+SLACK = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,7 +122,7 @@ class _Finder:
         ``child``), from one window of its partition."""
         tp = (self.topic, lineage_partition(lineage_id, self.partitions))
         start = self._start(lineage_id)
-        offset, _ = self.seeker.offset_for_time(tp, start)
+        offset, _ = self.seeker.offset_for_time(tp, start, SLACK)
         needle = lineage_id.encode()
         found: list[dict[str, Any]] = []
         read = self.seeker.cost.records
@@ -129,6 +132,8 @@ class _Finder:
         stopped, ts = "end", None
         for msg in self.seeker.scan(tp, offset):
             ts = timestamp(msg) or 0
+            if ts < start:
+                continue  # the search stopped a little before the start
             if limit is None:
                 limit = ts + self.search.within_ms
             if ts > limit:
@@ -180,7 +185,7 @@ class _Finder:
         ``whole_window``, i.e. after corrections)."""
         tp = (self.topic, lineage_partition(ref, self.partitions))
         start = counted_at - SETTLE_MS  # emitted after it was counted (clocks apart a little)
-        offset, _ = self.seeker.offset_for_time(tp, start)
+        offset, _ = self.seeker.offset_for_time(tp, start, SLACK)
         needle = orjson.dumps(ref)[1:-1]  # as the text sits inside the JSON value
         read = self.seeker.cost.records
         limit: int | None = None
@@ -188,6 +193,8 @@ class _Finder:
         stopped, ts = "end", None
         for msg in self.seeker.scan(tp, offset):
             ts = timestamp(msg) or 0
+            if ts < start:
+                continue
             limit = ts + self.search.within_ms if limit is None else limit
             if ts > limit:
                 stopped = "window"
