@@ -118,7 +118,7 @@ def main() -> None:
         "",
         f"History at {args.hops_per_s:g} hops/s of record time (50 per stage batch, 4 "
         f"lineage partitions, {BATCH} lineage records per broker batch); medians of three "
-        "traced readings. Records and bytes: what the "
+        f"traced readings, each traced {args.repeats} times. Records and bytes: what the "
         "broker returned to the command (deterministic); wall time is noisy here.",
         "",
         *table(
