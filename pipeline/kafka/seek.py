@@ -150,6 +150,21 @@ class PartitionSeeker:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def require(self, topic: str) -> int:
+        """The partition count of ``topic``; BrokerError (one line, what to do) if the
+        broker does not answer or the topic does not exist."""
+        try:
+            metadata = self._probe.list_topics(topic, timeout=10)
+        except KafkaException as exc:
+            raise BrokerError(
+                f"cannot read {topic}: {exc.args[0].str() if exc.args else exc}; "
+                "is the broker at KAFKA_BOOTSTRAP_SERVERS up?"
+            ) from None
+        info = metadata.topics.get(topic)
+        if info is None or info.error is not None:
+            raise BrokerError(f"topic {topic} does not exist; run `pipeline topics create`")
+        return len(info.partitions)
+
     # -- reading ---------------------------------------------------------------------
     def scan(self, tp: TP, start: int, end: int | None = None) -> Iterator[Message]:
         """Records of ``tp`` from ``start`` up to ``end`` (default: its end as of

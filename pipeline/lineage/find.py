@@ -235,6 +235,7 @@ def find(
     cost = ReadCost()
     with PartitionSeeker(settings, cost=cost, measure=measure) as seeker:
         finder = _Finder(settings, search, seeker)
+        seeker.require(finder.topic)
         raw = finder.hops(lineage_id)
         own = [h for h in raw if "child" not in h]
         children = list(dict.fromkeys(h["child"] for h in raw if "child" in h))
