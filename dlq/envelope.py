@@ -11,6 +11,12 @@ A previous envelope on the record (a re-driven dead letter) is replaced, except
 are dropped. ``dlq.original.*`` name where the record entered the stage the first
 time, also when it failed during a retry.
 
+A dead letter's record time is when it failed (``dlq.failed-at``), not the
+original's (kept in ``dlq.original.timestamp``; a redrive restores it): within a
+partition dead letters are in time order, so a command finds a time in a DLQ by
+bisection (:mod:`dlq.summary`), and the topic's retention counts from the failure.
+Dead letters written before this held the original's time.
+
 A dead letter always fits (:func:`bounded`): past ``dlq.max_payload_bytes`` its
 value is a prefix, and ``dlq.payload.truncated``, ``dlq.payload.size`` and
 ``dlq.payload.sha256`` say so; ``dlq.original.*`` still find the whole record in its
@@ -145,6 +151,7 @@ def bounded(
 def dead_letter_record(
     dead: DeadLetter, topic: str, now_ms: int, max_bytes: int = MAX_PAYLOAD_BYTES
 ) -> tuple[str, bytes | None, bytes | None, list[tuple[str, bytes]], int | None]:
-    """The record to produce for ``dead`` on ``topic``: envelope on, within ``max_bytes``."""
+    """The record to produce for ``dead`` on ``topic``: envelope on, within ``max_bytes``,
+    timestamped ``now_ms`` (when it failed)."""
     key, value, headers = bounded(dead.key, dead.value, dead.envelope_headers(now_ms), max_bytes)
-    return (topic, key, value, headers, dead.timestamp_ms or None)
+    return (topic, key, value, headers, now_ms)

@@ -29,6 +29,7 @@ from dlq.reasons import REASON_CODE
 from pipeline.errors import BrokerError, ConfigError, PipelineError
 from pipeline.kafka.clients import admin, client_config, consumer
 from pipeline.kafka.offsets import committed_offsets, high_watermarks
+from pipeline.kafka.seek import ReadCost
 from pipeline.settings import Settings
 from pipeline.timeparse import parse_instant, to_ms
 
@@ -228,6 +229,9 @@ class Filters:
                 return False
         return True
 
+    def matches_reason(self, letter: StoredDeadLetter) -> bool:
+        return not self.reasons or letter.reason in self.reasons
+
     def apply(self, letters: Iterable[StoredDeadLetter]) -> Iterator[StoredDeadLetter]:
         if self.limit is not None and self.limit <= 0:
             return
@@ -309,15 +313,18 @@ def topic_partitions(client: AdminClient, topic: str) -> list[int]:
     return sorted(info.partitions)
 
 
-def _owners(settings: Settings, topic: str) -> list[str]:
+def owners_of(settings: Settings, topic: str) -> list[str]:
+    """The stages whose dead-letter topic ``topic`` is."""
     return [s for s in settings.stage_ids if settings.stages[s].dlq == topic]
 
 
 class Reader:
-    """One admin client and one assign-only consumer for a command; floors read once."""
+    """One admin client and one assign-only consumer for a command; floors read once.
+    ``cost`` counts the records read (:class:`pipeline.kafka.seek.ReadCost`)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, cost: ReadCost | None = None) -> None:
         self.settings = settings
+        self.cost = cost
         self.admin = admin(settings)
         self._consumer: Any = None
         self._floors: dict[tuple[str, int], int] = {}
@@ -363,6 +370,9 @@ class Reader:
             self._consumer = consumer(self.settings)
         reader = self._consumer
         reader.assign([TopicPartition(topic, partition, start)])
+        if self.cost is not None:
+            self.cost.seeks += 1
+            self.cost.partitions.add((topic, partition))
         try:
             deadline = time.monotonic() + _READ_TIMEOUT
             while True:
@@ -388,6 +398,8 @@ class Reader:
                     if offset < start:
                         continue
                     if offset < end:
+                        if self.cost is not None:
+                            self.cost.count(msg)
                         yield msg
                     if offset + 1 >= end:
                         return
@@ -398,7 +410,7 @@ class Reader:
         self, stage: str, partition: int, start: int
     ) -> Generator[StoredDeadLetter, None, None]:
         topic = self.settings.stage(stage).dlq
-        owners = _owners(self.settings, topic)
+        owners = owners_of(self.settings, topic)
         for msg in self.records(topic, partition, start):
             letter = _from_message(stage, msg)
             if len(owners) > 1:  # a topic shared by stages: dlq.stage says whose it is

@@ -72,6 +72,25 @@ def ulid_str(raw: bytes) -> str:
     return "".join([pairs[(n >> s) & 1023] for s in _SHIFTS])
 
 
+_DIGITS = {c: i for i, c in enumerate(_CROCKFORD)} | {
+    c.lower(): i for i, c in enumerate(_CROCKFORD)
+}
+
+
+def ulid_ms(text: str) -> int | None:
+    """The time part of a ULID's text (ms since the epoch: for a lineage id, the
+    reading's own time); None if ``text`` is not a ULID."""
+    if len(text) != 26:
+        return None
+    n = 0
+    for char in text[:10]:
+        digit = _DIGITS.get(char)
+        if digit is None:
+            return None
+        n = n * 32 + digit
+    return n if n <= _MAX_ULID_MS else None
+
+
 def lineage_id(ts_ms: int, *identity: object) -> str:
     """A ULID whose time part is ``ts_ms`` and whose random part is a hash of ``identity``.
 

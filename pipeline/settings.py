@@ -131,6 +131,10 @@ class StageSpec(_Frozen):
     #: a stateful stage with event time: an idle partition's watermark advances with
     #: the wall clock after this long without input (while upstream is caught up)
     idle_timeout_s: float = Field(default=5.0, gt=0)
+    #: a stateful stage: how long (wall clock) a backfill run's lane is remembered as
+    #: ended after its end of input; a record of the run meanwhile (a dead letter of
+    #: it redriven) is refused as ``late``. Default 30 days, the DLQs' retention
+    ended_lane_retention_s: float = Field(default=30 * 86400.0, gt=0)
     #: the stage's own settings, validated by its config model
     config: dict[str, Any] = Field(default_factory=dict)
 

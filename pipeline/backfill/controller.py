@@ -28,6 +28,7 @@ from typing import Any
 from openlineage.client.uuid import generate_new_uuid
 
 from dlq.envelope import dead_letter_record
+from dlq.summary import dlq_offsets, run_dead_letters
 from pipeline import contract
 from pipeline.backfill.completion import Completion, RunCancelled, RunFailed
 from pipeline.backfill.lineage import BackfillLineage
@@ -51,7 +52,6 @@ from pipeline.engine.build import build_engine, load_stage
 from pipeline.engine.retry import route_retries
 from pipeline.errors import BrokerError, ConfigError, PipelineError
 from pipeline.kafka.clients import producer
-from pipeline.kafka.offsets import read_topic
 from pipeline.kafka.produce import produce_acked
 from pipeline.obs import metrics
 from pipeline.records import Record
@@ -215,6 +215,9 @@ class Controller:
         """Send what is left, wait for the stages, declare the run. Returns its final
         state (COMPLETE, FAILED or CANCELLED)."""
         run = self.run
+        if not run.dlq_from and not run.done:
+            # the run's dead letters all come after these: its summary reads from here
+            run.dlq_from = dlq_offsets(self.settings)
         self.store.save(run)
         self.lineage.start()
         self.progress.started(run)
@@ -238,7 +241,9 @@ class Controller:
             self.source.close()
         run.finished_at = time.time()
         try:
-            run.dead_letters = dead_letters_of(self.settings, self.source_header)
+            run.dead_letters = run_dead_letters(
+                self.settings, self.source_header, run.dlq_from, int(run.created_at * 1000)
+            )
         except PipelineError as exc:
             log.warning("backfill %s: dead letters not counted: %s", run.run_id, exc)
         self.store.save(run)
@@ -386,19 +391,3 @@ class Controller:
             return False
         self._cancel_checked = time.monotonic()
         return self.store.cancel_requested(self.run.run_id)
-
-
-def dead_letters_of(settings: Settings, source: str) -> dict[str, dict[str, int]]:
-    """The run's dead letters per stage and reason, read from every stage's DLQ."""
-    wanted = source.encode()
-    counts: dict[str, dict[str, int]] = {}
-    for stage in settings.stage_ids:
-        for msg in read_topic(settings, settings.stage(stage).dlq, timeout=60):
-            headers = dict(msg.headers() or [])
-            if headers.get(contract.H_SOURCE) != wanted:
-                continue
-            raw = headers.get("dlq.reason") or b"?"
-            reason = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
-            by_reason = counts.setdefault(stage, {})
-            by_reason[reason] = by_reason.get(reason, 0) + 1
-    return counts

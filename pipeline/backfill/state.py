@@ -90,6 +90,9 @@ class RunState:
     end_markers: dict[str, int] = field(default_factory=dict)
     #: dead letters of this run by stage and reason (filled when the run ends)
     dead_letters: dict[str, dict[str, int]] = field(default_factory=dict)
+    #: every DLQ partition's end when the run started, "topic:partition" -> offset: the
+    #: run's dead letters are after it (its summary reads from there, not from 0)
+    dlq_from: dict[str, int] = field(default_factory=dict)
     reason: str | None = None
     attempts: int = 1
 

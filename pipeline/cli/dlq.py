@@ -11,12 +11,13 @@ without a timezone, a malformed REF or export file name exits 2 with one line.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import click
 
-from dlq import export, original, purge, read, redrive, view
+from dlq import export, original, purge, read, redrive, summary, view
 from dlq.reasons import FRAMEWORK
 from pipeline.cli.common import cell, clean, handle_errors, print_table, settings_from
 from pipeline.settings import Settings
@@ -163,6 +164,12 @@ def dlq_list(
 
 @dlq.command("summary")
 @_filter_options(limit=False)
+@click.option(
+    "--all",
+    "everything",
+    is_flag=True,
+    help="Count every dead letter held, reading whole dead-letter topics (slow on long ones).",
+)
 @_json_option
 @click.pass_context
 @handle_errors
@@ -172,17 +179,31 @@ def dlq_summary(
     reasons: Sequence[str],
     since: str | None,
     until: str | None,
+    everything: bool,
     as_json: bool,
 ) -> None:
-    """Dead letters counted by stage and reason, with the oldest and newest failed-at."""
+    """Dead letters counted by stage and reason, with the oldest and newest failed-at.
+
+    Counts those that failed since --since (default: the last 24 hours), reading only
+    that part of each dead-letter topic (found by bisection on time), and shows how
+    many each stage holds in all; --all counts every one by reason.
+    """
     settings = settings_from(ctx)
     chosen = read.parse_stages(stages, settings.stage_ids)
     filters = read.make_filters(reasons, since, until, known=_known(settings, chosen))
-    letters = read.iter_dead_letters(settings, chosen)
-    try:
-        rows = view.summarize(filters.apply(letters), settings.stage_ids)
-    finally:
-        letters.close()
+    window: summary.WindowSummary | None = None
+    if everything:
+        letters = read.iter_dead_letters(settings, chosen)
+        try:
+            rows = view.summarize(filters.apply(letters), settings.stage_ids)
+        finally:
+            letters.close()
+    else:
+        since_ms = filters.since_ms
+        if since_ms is None:
+            since_ms = int(time.time() * 1000) - summary.DEFAULT_WINDOW_MS
+        window = summary.window_summary(settings, chosen, filters, since_ms, filters.until_ms)
+        rows = window.rows
     if as_json:
         _echo_json(
             [
@@ -200,8 +221,17 @@ def dlq_summary(
             ]
         )
         return
+    if window is not None:
+        until_text = f" before {view.iso(window.until_ms)}" if window.until_ms else ""
+        scope = f" that failed since {view.iso(window.since_ms)}{until_text}"
+        held = ", ".join(f"{stage} {'?' if n is None else n}" for stage, n in window.held.items())
+        footer = f"held in all: {held} (--all counts every one by reason)"
+    else:
+        scope, footer = "", ""
     if not rows:
-        click.echo("no dead letters match")
+        click.echo(f"no dead letters{scope} match")
+        if footer:
+            click.echo(footer)
         return
     print_table(
         ["stage", "reason", "count", "oldest failed-at", "newest failed-at", "max replays"],
@@ -217,7 +247,9 @@ def dlq_summary(
             for r in rows
         ],
     )
-    click.echo(f"{sum(r.count for r in rows)} dead letter(s)")
+    click.echo(f"{sum(r.count for r in rows)} dead letter(s){scope}")
+    if footer:
+        click.echo(footer)
 
 
 @dlq.command("show")

@@ -8,8 +8,8 @@ import click
 
 from pipeline.cli.common import handle_errors, print_table, settings_from
 from pipeline.errors import PipelineError
-from pipeline.lineage import hops, trace
-from pipeline.timeparse import from_ms
+from pipeline.lineage import find, hops, trace
+from pipeline.timeparse import from_ms, parse_duration, parse_instant, to_ms
 
 
 @click.group("lineage")
@@ -26,23 +26,78 @@ def _where(coords: list[object] | None) -> str:
 
 @lineage_group.command("trace")
 @click.argument("lineage_id")
+@click.option(
+    "--from",
+    "start",
+    metavar="ISO8601",
+    default=None,
+    help="Look for hops from this instant on (default: the time in the id, the "
+    "reading's own, minus a minute). For a reading sent or backfilled long after its "
+    "own time, or hops of a later redrive.",
+)
+@click.option(
+    "--within",
+    metavar="DURATION",
+    default=None,
+    help="Read this long after the first hop (ISO 8601, default PT1H), all of it; "
+    "without it the read stops once the path is complete.",
+)
+@click.option(
+    "--all",
+    "everything",
+    is_flag=True,
+    help="Read the whole lineage topic, every partition (hops of any age and format; "
+    "slow on a long topic).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
 @handle_errors
-def trace_command(ctx: click.Context, lineage_id: str, as_json: bool) -> None:
+def trace_command(
+    ctx: click.Context,
+    lineage_id: str,
+    start: str | None,
+    within: str | None,
+    everything: bool,
+    as_json: bool,
+) -> None:
     """Every hop of the record LINEAGE_ID (the `lineage-id` header, also in dead
     letters and as first/last id of an aggregate): ingest → … → the aggregate
     window it was counted in, or the dead letter where it stopped, and re-drives.
-    Exits 1 if no hop of it exists."""
+
+    Reads one partition of the lineage topic near the reading's time (O(log n)
+    fetches to find it, then the lineage of one window): hops much later than the
+    reading's entry (a dead letter redriven days later) need --from or --within.
+    Exits 1 if no hop of it was found."""
     settings = settings_from(ctx)
-    found = trace.trace(settings, lineage_id)
+    search = find.Search(
+        start_ms=to_ms(parse_instant(start, "--from")) if start is not None else None,
+        within_ms=(
+            int(parse_duration(within, "--within").total_seconds() * 1000)
+            if within is not None
+            else find.DEFAULT_WITHIN_MS
+        ),
+        whole_window=within is not None,
+    )
+    searched: list[find.Searched] = []
+    cost = None
+    if everything:
+        found = trace.trace(settings, lineage_id)
+    else:
+        located = find.find(settings, lineage_id, search)
+        found, searched, cost = located.trace, located.searched, located.cost
     if not found.hops and not found.children:
+        where = _searched(searched[0]) if searched else f"{settings.lineage_topic}"
+        hint = "" if everything else "; give --from (when it was sent), --within, or --all"
         raise PipelineError(
-            f"no hop of {lineage_id} on {settings.lineage_topic}; check the id (a ULID from "
-            "the lineage-id header) and that the record reached ingest"
+            f"no hop of {lineage_id} in {where}; check the id (a ULID from the lineage-id "
+            f"header) and that the record reached ingest{hint}"
         )
     if as_json:
-        click.echo(json.dumps(found.as_dict(), indent=2))
+        doc = found.as_dict()
+        if not everything:
+            doc["searched"] = [s.as_dict() for s in searched]
+            doc["cost"] = cost.as_dict() if cost is not None else None
+        click.echo(json.dumps(doc, indent=2))
         return
     rows = []
     for hop in found.hops:
@@ -74,3 +129,18 @@ def trace_command(ctx: click.Context, lineage_id: str, as_json: bool) -> None:
         )
         click.echo(f"result at {_where(window['at'])}: {summary}")
     click.echo(f"end: {found.end}")
+    for part in searched:
+        click.echo(f"read {_searched(part)} (stopped: {part.stopped})")
+    if searched and not found.complete:
+        click.echo("hops outside what was read are not shown: --from, --within or --all")
+
+
+def _searched(part: find.Searched) -> str:
+    def when(ms: int) -> str:
+        return from_ms(ms).isoformat(timespec="milliseconds")
+
+    until = when(part.to_ms) if part.to_ms is not None else "its end"
+    return (
+        f"{part.records} record(s) of {part.topic}[{part.partition}] from "
+        f"{when(part.from_ms)} to {until}"
+    )

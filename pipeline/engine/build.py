@@ -78,7 +78,14 @@ def build_engine(
     emitter = Emitter(stage_id, spec.all_outputs, ctx.now_ms)
     if definition.stateful:
         return StatefulEngine(
-            stage_id, definition, ctx, emitter, spec.on_error, spec.idle_timeout_s, clock
+            stage_id,
+            definition,
+            ctx,
+            emitter,
+            spec.on_error,
+            spec.idle_timeout_s,
+            clock,
+            spec.ended_lane_retention_s,
         )
     if definition.kind == "sink":
         return SinkEngine(stage_id, definition, ctx, emitter, spec.on_error)

@@ -11,7 +11,8 @@ Per partition batch, :meth:`StageRunner.handle`:
    nothing of the batch is delivered;
 4. produces outputs, retries and dead letters and awaits the broker's
    acknowledgement of all of them;
-5. produces the batch's lineage hops (they name the outputs' offsets) and its state
+5. produces the batch's lineage hops (they name the outputs' offsets; each to the
+   lineage partition of its id, :mod:`pipeline.lineage.placing`) and its state
    writes (after the outputs: state must not run ahead of outputs never
    acknowledged), and awaits them;
 6. applies the state writes to the in-memory table (``on_state``).
@@ -39,7 +40,7 @@ from dlq.reasons import UNWRITABLE
 from pipeline.engine.result import BatchResult
 from pipeline.engine.retry import route_retries
 from pipeline.errors import InvalidMessage, RecordsRefused
-from pipeline.lineage.hops import batch_hops, stored_hops
+from pipeline.lineage.hops import batch_hops, state_hops, stored_hops
 from pipeline.records import Deliveries, Outgoing, OutRecord, Partitioned, Record
 from pipeline.settings import StageSpec
 
@@ -90,6 +91,7 @@ class StageRunner:
         producer: Producer,
         *,
         lineage_topic: str | None = None,
+        lineage_partitions: int = 1,
         lane_targets: Mapping[str, tuple[str, ...]] | None = None,
         budget: Budget | None = None,
         clock: Callable[[], float] = time.time,
@@ -105,6 +107,8 @@ class StageRunner:
         self.engine = engine
         self.producer = producer
         self.lineage_topic = lineage_topic
+        #: the lineage topic's declared partition count (where each id's hops go)
+        self.lineage_partitions = lineage_partitions
         self.default_output = spec.default_output
         self.lane = spec.backfill_lane
         self.lane_targets = dict(lane_targets or {})
@@ -235,8 +239,9 @@ class StageRunner:
             )
         if result.dead:
             self.failpoint("dlq-delivered")
-        hops: list[Outgoing] = []
+        hops: list[Partitioned] = []
         if self.lineage_topic is not None:
+            now_ms = int(self.clock() * 1000)
             hops = batch_hops(
                 self.stage_id,
                 self.lineage_topic,
@@ -244,17 +249,22 @@ class StageRunner:
                 result,
                 retries,
                 delivered,
-                int(self.clock() * 1000),
+                now_ms,
                 topics,
                 self.retry_topic,
                 self.spec.dlq,
+                self.lineage_partitions,
             )
             if result.stored_at:
                 hops += stored_hops(
-                    self.stage_id, self.lineage_topic, result.stored_at, int(self.clock() * 1000)
+                    self.stage_id,
+                    self.lineage_topic,
+                    result.stored_at,
+                    now_ms,
+                    self.lineage_partitions,
                 )
         writes = self._state_writes(partition, result)
-        await self.producer.send_batch(hops, writes)
+        await self.producer.send_batch((), [*hops, *writes] if hops else writes)
         if self.on_state is not None and result.writes:
             self.on_state(partition, result.writes)
         return self._report(records, result, retries, topics)
@@ -334,8 +344,21 @@ class StageRunner:
         if result is None:
             return None
         batch, topics = self._outgoing(result, (), False)
-        await self.producer.send_batch(batch)
-        await self.producer.send_batch([], self._state_writes(partition, result))
+        delivered = await self.producer.send_batch(batch)
+        writes = self._state_writes(partition, result)
+        if self.lineage_topic is not None and result.emitted_from_state:
+            emitted = state_hops(
+                self.stage_id,
+                self.lineage_topic,
+                partition,
+                result.outputs,
+                delivered,
+                topics,
+                int(self.clock() * 1000),
+                self.lineage_partitions,
+            )
+            writes = [*emitted, *writes]
+        await self.producer.send_batch([], writes)
         if self.on_state is not None and result.writes:
             self.on_state(partition, result.writes)
         return self._report((), result, [], topics)
@@ -354,9 +377,14 @@ class StageRunner:
         if batch:
             await self.producer.send_batch(batch)
         if self.lineage_topic is not None and result.stored_at:
-            await self.producer.send_batch(
-                stored_hops(self.stage_id, self.lineage_topic, result.stored_at, now_ms)
+            hops = stored_hops(
+                self.stage_id,
+                self.lineage_topic,
+                result.stored_at,
+                now_ms,
+                self.lineage_partitions,
             )
+            await self.producer.send_batch((), hops)
         return self._report((), result, [], [])
 
     def _state_writes(self, partition: int, result: BatchResult) -> list[Partitioned]:

@@ -9,17 +9,22 @@ were acknowledged:
    had last),
 2. the lane's watermark,
 3. deletions,
-4. per ended backfill lane: tombstones of its keys, of its watermark, then an
-   ``ended`` marker,
-5. last, the *fence*: the next input offset of the batch's topic partition.
+4. tombstones of ``ended`` markers older than the stage's
+   ``ended_lane_retention_s`` (:func:`expired_lanes`),
+5. per backfill lane ended now: tombstones of its keys, of its watermark, then an
+   ``ended`` marker (the wall-clock time it ended),
+6. last, the *fence*: the next input offset of the batch's topic partition.
 
 The changelog keeps the order of one partition's writes, so whatever prefix of
 them survives a crash is a state from which re-delivering the batch gives the
 same result: records below a saved fence are skipped as duplicates; updates
 without their watermark are recognised by the stage (e.g. as repeats of a
 lineage id); and nothing is forgotten before the watermark that forgot it is
-saved. Changelog keys are JSON arrays: ``["s", partition, lane, key]``,
-``["wm", partition, lane]``, ``["end", partition, lane]``, ``["in", partition, topic]``.
+saved. An expired marker's tombstone may land without the batch's fence: the
+batch, re-delivered, finds the marker expired again (the clock only moves on).
+Changelog keys are JSON arrays: ``["s", partition, lane, key]``,
+``["wm", partition, lane]``, ``["end", partition, lane]`` (value ``{"at": ms}``;
+``{}`` as written before: ended when loaded), ``["in", partition, topic]``.
 """
 
 from __future__ import annotations
@@ -251,7 +256,8 @@ class PartitionStore:
         self.lanes: dict[str, LaneState] = {LIVE: LaneState(partition, LIVE)}
         if on_new is not None:
             on_new(self.lanes[LIVE])
-        self.ended: set[str] = set()
+        #: backfill lanes that ended -> when (wall-clock ms); a record of one is late
+        self.ended: dict[str, int] = {}
         #: input topic -> the next input offset the state does not hold
         self.fences: dict[str, int] = {}
         self.last_live_input_at = now
@@ -289,9 +295,33 @@ def load_partition(
         elif kind == "wm":
             store.lane(key[2]).load_watermark(orjson.loads(raw_value)["watermark"])
         elif kind == "end":
-            store.ended.add(key[2])
+            at = orjson.loads(raw_value).get("at") if raw_value else None
+            store.ended[key[2]] = at if isinstance(at, int) else int(now * 1000)
         elif kind == "in":
             store.fences[key[2]] = orjson.loads(raw_value)["next"]
     for lane in store.ended:
         store.lanes.pop(lane, None)
     return store
+
+
+def ended_value(at_ms: int) -> bytes:
+    """An ``ended`` marker's value: when the lane ended."""
+    return b'{"at":%d}' % at_ms
+
+
+def expired_lanes(store: PartitionStore, now_ms: int, retention_ms: int) -> list[Write]:
+    """Forget the ended lanes of ``store`` that ended ``retention_ms`` or more before
+    ``now_ms``; returns their markers' tombstones (to write before the lanes ended in
+    the same batch and the fence)."""
+    horizon = now_ms - retention_ms
+    gone = []
+    # markers are kept in the order they ended (the changelog's, when loaded): the
+    # first one not yet expired ends the look (a marker behind it, ended earlier by a
+    # clock that went back, expires a little later, never sooner)
+    for lane, at in store.ended.items():
+        if at > horizon:
+            break
+        gone.append(lane)
+    for lane in gone:
+        del store.ended[lane]
+    return [(ended_key(store.partition, lane), None) for lane in gone]

@@ -6,8 +6,10 @@ Per input partition the engine keeps a :class:`~pipeline.engine.state.PartitionS
   run's own state, so a backfill's old data is neither late against the live
   watermark nor mixed into live state; the run's end-of-input control record runs
   the lane's last hooks (watermark :data:`~pipeline.stage.END_OF_TIME`,
-  ``on_end_of_lane``), then drops the lane and remembers it as ended (a later record
-  of it is ``late``);
+  ``on_end_of_lane``), then drops the lane and remembers it as ended: a later record
+  of it is ``late`` for ``ended_lane_retention_s`` (wall clock) after the end, then
+  the marker is deleted (one key per run does not stay in the state forever) and a
+  record of that run would open a lane again;
 * **watermarks**: for a stage with ``event_time``, each lane's watermark is the
   highest event time seen there (advanced after the record is processed, so the
   stage sees the watermark the record arrived at); when it moves, ``on_watermark``
@@ -32,7 +34,15 @@ from pipeline import contract
 from pipeline.engine.emit import Emitter, emits_of
 from pipeline.engine.process import Engine
 from pipeline.engine.result import BatchResult
-from pipeline.engine.state import LaneState, PartitionStore, ended_key, fence_key, load_partition
+from pipeline.engine.state import (
+    LaneState,
+    PartitionStore,
+    ended_key,
+    ended_value,
+    expired_lanes,
+    fence_key,
+    load_partition,
+)
 from pipeline.errors import InvalidMessage
 from pipeline.records import Record
 from pipeline.stage import END_OF_TIME, LIVE, StageContext, StageDef
@@ -68,9 +78,11 @@ class StatefulEngine(Engine):
         on_error: str = "dead_letter",
         idle_timeout_s: float = 5.0,
         clock: Callable[[], float] = time.time,
+        ended_lane_retention_s: float = 30 * 86400,
     ) -> None:
         super().__init__(stage_id, definition, ctx, emitter, on_error)
         self.idle_timeout_s = idle_timeout_s
+        self.ended_retention_ms = int(ended_lane_retention_s * 1000)
         self.clock = clock
         codec = definition.state_codec
         assert codec is not None
@@ -107,6 +119,8 @@ class StatefulEngine(Engine):
     def process(self, partition: int, records: Sequence[Record]) -> BatchResult:
         result = self.new_result()
         store = self._store(partition)
+        now_ms = int(self.clock() * 1000)
+        expired = expired_lanes(store, now_ms, self.ended_retention_ms)
         topic = records[0].topic if records else ""
         fence = store.fences.get(topic, -1)
         dirty: dict[str, LaneState] = {}
@@ -120,7 +134,7 @@ class StatefulEngine(Engine):
             if lane:
                 if end_of_input:
                     if lane not in store.ended:
-                        ended.append(self._end_lane(store, lane, result))
+                        ended.append(self._end_lane(store, lane, result, now_ms))
                         dirty[lane] = ended[-1]
                     continue
                 if lane in store.ended:
@@ -140,9 +154,10 @@ class StatefulEngine(Engine):
         writes = result.writes
         for state in dirty.values():
             state.flush(self.codec, writes)
+        writes += expired  # before a marker of the same lane ended again, below
         for state in ended:
             state.drop_all(writes)
-            writes.append((ended_key(partition, state.lane), b"{}"))
+            writes.append((ended_key(partition, state.lane), ended_value(now_ms)))
             store.lanes.pop(state.lane, None)
         if records and records[-1].offset >= fence:
             # last: once it is in the changelog, so is everything before it (one
@@ -215,13 +230,15 @@ class StatefulEngine(Engine):
             result.outputs.extend(outs)
             result.emitted_from_state += len(outs)
 
-    def _end_lane(self, store: PartitionStore, lane: str, result: BatchResult) -> LaneState:
+    def _end_lane(
+        self, store: PartitionStore, lane: str, result: BatchResult, now_ms: int
+    ) -> LaneState:
         """A backfill run's end of input: the lane's last hooks, then it is forgotten."""
         state = store.lane(lane)
         self._advance(state, END_OF_TIME, result)
         if self._on_end_of_lane is not None:
             self._from_state(state, self._on_end_of_lane(state), result)
-        store.ended.add(lane)
+        store.ended[lane] = now_ms
         result.lanes_ended.append(lane)
         return state
 

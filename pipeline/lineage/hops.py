@@ -22,8 +22,10 @@ record share its lineage id; stages drop them without a hop (they are counted in
 ``pipeline_duplicates_dropped_total``).
 
 On the topic, the hops of one batch travel together (format 2): one record per
-batch (per :data:`MAX_HOPS` hops), keyed ``<stage>/<topic>/<partition>`` of the
-batch's input, whose value holds the hops column-wise, one group per outcome::
+lineage partition the batch's ids fall in (:mod:`pipeline.lineage.placing`: all
+hops of one id are in one partition), per :data:`MAX_HOPS` hops, keyed
+``<stage>/<topic>/<partition>`` of the batch's input, whose value holds the hops
+column-wise, one group per outcome::
 
     {"v": 2, "stage": "parse", "at": 1764400000123, "in": ["iot.raw", 2],
      "groups": [
@@ -39,9 +41,10 @@ batch's input, whose value holds the hops column-wise, one group per outcome::
 
 ``ids`` are the records' lineage ids separated by a space; the other lists are
 parallel to them. A per-record record (format 1: the hop itself, keyed by its
-lineage id, as stages wrote before) is still read. One record per batch instead of
-one per record per stage halves what a stage produces; :func:`expand` turns a
-value back into hops, and :func:`trace_many` reads the whole lineage topic.
+lineage id, as stages wrote before) is still read. A few records per batch instead
+of one per record per stage halves what a stage produces; :func:`expand` turns a
+value back into hops. Outputs made from state get ``emitted`` records (where the
+result a ``counted`` hop names was written; :mod:`pipeline.lineage.placing`).
 
 Hops of a batch are produced after its outputs were acknowledged (they carry the
 output offsets) and before the batch is acked, so a committed record always has
@@ -58,14 +61,20 @@ import orjson
 from dlq import retry
 from pipeline import contract
 from pipeline.engine.result import BatchResult
-from pipeline.records import Delivered, Deliveries, Outgoing, Record
+from pipeline.lineage.placing import EMITTED, FORMAT, MAX_HOPS, emitted_records, place
+from pipeline.records import Delivered, Deliveries, Outgoing, Partitioned, Record
 
 PASSED, DEAD_LETTER, RETRY, COUNTED = "passed", "dead_letter", "retry", "counted"
 DROPPED, STORED = "dropped", "stored"
-
-FORMAT = 2
-#: hops per lineage record at most (keeps a record far below Kafka's 1 MB limit)
-MAX_HOPS = 2000
+__all__ = [
+    "EMITTED",
+    "FORMAT",
+    "MAX_HOPS",
+    "batch_hops",
+    "expand",
+    "state_hops",
+    "stored_hops",
+]
 
 _H_LINEAGE = contract.H_LINEAGE
 
@@ -102,8 +111,11 @@ def batch_hops(
     output_topics: Sequence[str],
     retry_topic: str,
     dlq_topic: str,
-) -> list[Outgoing]:
-    """The hops of one delivered batch: the records (format 2) to produce to ``topic``.
+    lineage_partitions: int = 1,
+) -> list[Partitioned]:
+    """The hops of one delivered batch: the records (format 2) to produce to ``topic``,
+    which has ``lineage_partitions`` partitions, each to its id's; and the
+    ``emitted`` records of its outputs made from state.
 
     ``delivered`` is the broker's answer for outputs, then ``retries``, then dead
     letters, in that order (as :class:`pipeline.engine.runner.StageRunner` sends
@@ -212,17 +224,14 @@ def batch_hops(
             "in_offsets": [offset for _, offset in dropped],
         }
         groups.append((DROPPED, group, len(dropped)))
-    if not groups:
-        return []
     key = f"{stage}/{in_topic}/{in_partition}".encode()
     head = {"v": FORMAT, "stage": stage, "at": now_ms, "in": [in_topic, in_partition]}
-    if sum(size for _, _, size in groups) <= MAX_HOPS:
-        doc = {**head, "groups": [group for _, group, _ in groups]}
-        return [(topic, key, orjson.dumps(doc), [], None)]
-    return [
-        (topic, key, orjson.dumps({**head, "groups": chunk}), [], None)
-        for chunk in _chunks([(group, size) for _, group, size in groups])
-    ]
+    out = place(topic, key, head, [(g, size) for _, g, size in groups], lineage_partitions)
+    if result.emitted_from_state:
+        out += emitted_records(
+            topic, key, head, result.outputs, delivered, output_topics, lineage_partitions
+        )
+    return out
 
 
 def stored_hops(
@@ -230,14 +239,15 @@ def stored_hops(
     topic: str,
     stored: Sequence[tuple[str, int, int, str, Any]],
     now_ms: int,
-) -> list[Outgoing]:
+    partitions: int = 1,
+) -> list[Partitioned]:
     """The ``stored`` hops of a sink's records, ``(topic, partition, offset, lineage
-    id, ref)`` each: one lineage record per input partition (format 2, a ``stored``
-    group with ``refs`` beside ``ids``)."""
+    id, ref)`` each: per input partition, one lineage record per lineage partition
+    (format 2, a ``stored`` group with ``refs`` beside ``ids``)."""
     by_partition: dict[tuple[str, int], list[tuple[int, str, Any]]] = {}
     for in_topic, in_partition, offset, lineage_id, ref in stored:
         by_partition.setdefault((in_topic, in_partition), []).append((offset, lineage_id, ref))
-    out: list[Outgoing] = []
+    out: list[Partitioned] = []
     for (in_topic, in_partition), items in by_partition.items():
         group = {
             "outcome": STORED,
@@ -247,45 +257,25 @@ def stored_hops(
         }
         key = f"{stage}/{in_topic}/{in_partition}".encode()
         head = {"v": FORMAT, "stage": stage, "at": now_ms, "in": [in_topic, in_partition]}
-        for chunk in _chunks([(group, len(items))]):
-            out.append((topic, key, orjson.dumps({**head, "groups": chunk}), [], None))
+        out += place(topic, key, head, [(group, len(items))], partitions)
     return out
 
 
-_COLUMNS = (
-    "in_offsets",
-    "in",
-    "partitions",
-    "offsets",
-    "reasons",
-    "windows",
-    "outs",
-    "parents",
-    "refs",
-)
-
-
-def _chunks(groups: list[tuple[dict[str, Any], int]]) -> list[list[dict[str, Any]]]:
-    """Groups split into lists of at most MAX_HOPS hops each."""
-    out: list[list[dict[str, Any]]] = [[]]
-    room = MAX_HOPS
-    for group, size in groups:
-        ids = group["ids"].split(" ")
-        start = 0
-        while start < size:
-            if room == 0:
-                out.append([])
-                room = MAX_HOPS
-            stop = min(size, start + room)
-            part = {k: v for k, v in group.items() if k not in _COLUMNS and k != "ids"}
-            part["ids"] = " ".join(ids[start:stop])
-            for column in _COLUMNS:
-                if column in group:
-                    part[column] = group[column][start:stop]
-            out[-1].append(part)
-            room -= stop - start
-            start = stop
-    return out
+def state_hops(
+    stage: str,
+    topic: str,
+    partition: int,
+    outputs: Sequence[Any],
+    delivered: Sequence[Delivered],
+    output_topics: Sequence[str],
+    now_ms: int,
+    partitions: int = 1,
+) -> list[Partitioned]:
+    """The ``emitted`` records of outputs a stateful stage made from state with no
+    input (an idle partition's windows closing): ``partition`` is the stage's."""
+    key = f"{stage}/-/{partition}".encode()
+    head = {"v": FORMAT, "stage": stage, "at": now_ms, "in": ["", partition]}
+    return emitted_records(topic, key, head, outputs, delivered, output_topics, partitions)
 
 
 def expand(value: bytes | None) -> list[dict[str, Any]]:
@@ -302,6 +292,8 @@ def expand(value: bytes | None) -> list[dict[str, Any]]:
     found: list[dict[str, Any]] = []
     for group in doc["groups"]:
         outcome = group["outcome"]
+        if outcome == EMITTED:
+            continue
         ids = group["ids"].split(" ") if group["ids"] else []
         out = group.get("out")
         outs = group.get("outs")

@@ -1,4 +1,9 @@
-"""Tracing one record: every hop it made, read back from the lineage topic.
+"""Tracing records: every hop they made, read back from the whole lineage topic.
+
+:func:`trace_many` reads every partition of the lineage topic (and the counting
+stages' outputs) once: it sees hops of any format and age, at a cost that grows
+with the topic. One record's trace from bounded reads of one partition is
+:func:`pipeline.lineage.find.find` (what ``pipeline lineage trace`` does by default).
 
 A trace is the hops (:mod:`pipeline.lineage.hops`) of one lineage id in the order
 they happened, plus:
@@ -64,7 +69,7 @@ class Trace:
         }
 
 
-def _end(
+def end_of(
     hops: Sequence[dict[str, Any]],
     windows: Sequence[dict[str, Any]],
     children: Sequence[str],
@@ -179,7 +184,7 @@ def trace_many(settings: Settings, lineage_ids: Sequence[str]) -> dict[str, Trac
             if h["outcome"] == COUNTED
             and (key := (h["stage"], orjson.dumps(h["window"]))) in results
         ]
-        end = _end(hops, windows, children, finals)
+        end = end_of(hops, windows, children, finals)
         traces[lineage_id] = Trace(lineage_id, hops, windows, end, parents[lineage_id], children)
     return traces
 

@@ -158,6 +158,9 @@ class StageBinding:
             self.engine,
             self.producer,
             lineage_topic=settings.lineage_topic,
+            lineage_partitions=(
+                settings.topics[settings.lineage_topic].partitions if settings.lineage_topic else 1
+            ),
             lane_targets=settings.topology.lane_targets(stage_id),
             on_state=self._apply_state,
             spans=_spans(stage_id),

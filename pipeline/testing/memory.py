@@ -30,6 +30,7 @@ from pipeline.engine.build import build_engine
 from pipeline.engine.runner import BatchReport, StageRunner
 from pipeline.errors import DeliveryError, RecordsRefused
 from pipeline.lineage.hops import expand
+from pipeline.lineage.placing import emitted
 from pipeline.records import Deliveries, Outgoing, Partitioned, Record
 from pipeline.registry import resolve
 from pipeline.settings import DlqBudget, RetryPolicy, StageSpec
@@ -221,6 +222,8 @@ class RunResult:
     dead_letters: list[DeadLetterView] = field(default_factory=list)
     retries: list[Produced] = field(default_factory=list)
     hops: list[dict[str, Any]] = field(default_factory=list)
+    #: where outputs made from state went (:func:`pipeline.lineage.placing.emitted`)
+    emitted: list[dict[str, Any]] = field(default_factory=list)
     state_writes: list[tuple[bytes, bytes | None]] = field(default_factory=list)
     duplicates: int = 0
     report: BatchReport | None = None
@@ -251,6 +254,7 @@ class StageHarness:
         idle_timeout_s: float = 5.0,
         clock: FakeClock | None = None,
         lineage_topic: str | None = "lineage",
+        lineage_partitions: int = 1,
         lane_targets: Mapping[str, tuple[str, ...]] | None = None,
         producer: MemoryProducer | None = None,
         max_message_bytes: int = 1_000_000,
@@ -296,6 +300,7 @@ class StageHarness:
             self.engine,
             self.producer,
             lineage_topic=lineage_topic,
+            lineage_partitions=lineage_partitions,
             lane_targets=lane_targets,
             clock=self.clock,
             on_state=self._apply_state,
@@ -332,6 +337,7 @@ class StageHarness:
                 result.retries.append(p)
             elif p.topic == self.runner.lineage_topic:
                 result.hops.extend(expand(p.value))
+                result.emitted.extend(emitted(p.value))
             elif p.topic == spec.state_topic:
                 result.state_writes.append((p.key or b"", p.value))
             else:

@@ -134,7 +134,7 @@ def dlqs(broker, tmp_path) -> Dlqs:
                 x.value,
                 x.key,
                 headers=dead.envelope_headers(x.failed_at),
-                timestamp=x.original_ts,  # as the stages write them
+                timestamp=x.failed_at,  # as the stages write them: when it failed
             )
     assert client.flush(30) == 0
     refs = {}
@@ -188,7 +188,7 @@ def test_list_filters_and_summary(dlqs):
     assert "6 dead letter(s)" in human.stdout
     assert "out_of_range" in human.stdout and "decode_error" in human.stdout
 
-    summary = dlqs.json("summary")
+    summary = dlqs.json("summary", "--all")
     assert [(r["stage"], r["reason"], r["count"]) for r in summary] == [
         ("ingest", "?", 1),
         ("parse", "decode_error", 3),
@@ -198,7 +198,22 @@ def test_list_filters_and_summary(dlqs):
     assert summary[1]["oldest_failed_at"] == iso(T0)
     assert summary[1]["newest_failed_at"] == iso(T0 + 20 * MIN)
     assert summary[3]["max_replay_count"] == 3
-    human = dlqs.run("summary", "--stage", "enrich")
+    # without --all: those that failed since --since, read from there on
+    since = dlqs.json("summary", "--since", iso(T0 + 25 * MIN))
+    assert [(r["stage"], r["reason"], r["count"]) for r in since] == [
+        ("ingest", "?", 1),  # no failed-at: counted by when it was written (now)
+        ("parse", "out_of_range", 3),
+        ("enrich", "unknown_device", 2),
+    ]
+    assert since[1:] == [r for r in summary if r["reason"] in ("out_of_range", "unknown_device")]
+    until = dlqs.json("summary", "--since", iso(T0), "--until", iso(T0 + 25 * MIN))
+    assert [(r["stage"], r["reason"], r["count"]) for r in until] == [("parse", "decode_error", 3)]
+    # by default the last 24 hours; how many each stage holds in all beside it
+    human = dlqs.run("summary")
+    assert human.exit_code == 0, human.output
+    assert "1 dead letter(s) that failed since" in human.stdout
+    assert "held in all: ingest 1, parse 6, enrich 2, aggregate 0" in human.stdout
+    human = dlqs.run("summary", "--stage", "enrich", "--all")
     assert human.exit_code == 0 and "unknown_device" in human.stdout
 
 
@@ -298,9 +313,10 @@ def test_purge_hides_dead_letters_below_the_floor(dlqs, tmp_path):
     o0_offset = int(dlqs.refs["o0"].rsplit(":", 1)[1])
     assert done["partitions"][0]["new_floor"] == o0_offset
     assert dlqs.listed("--stage", "parse") == dlqs.names("o0", "o1", "o2")
-    assert [(r["reason"], r["count"]) for r in dlqs.json("summary", "--stage", "parse")] == [
-        ("out_of_range", 3)
-    ]
+    summary = dlqs.json("summary", "--stage", "parse", "--all")
+    assert [(r["reason"], r["count"]) for r in summary] == [("out_of_range", 3)]
+    window = dlqs.json("summary", "--stage", "parse", "--since", iso(T0 - 60 * MIN))
+    assert window == summary  # the purged ones are below the floor there too
     gone = dlqs.run("show", dlqs.refs["d1"])
     assert gone.exit_code == 1
     assert gone.stderr.strip().startswith(f"error: dead letter {dlqs.refs['d1']} was purged")

@@ -12,6 +12,7 @@ from pipeline import contract
 from pipeline.demo.simulator import SimRecord
 from pipeline.kafka.clients import admin
 from pipeline.kafka.offsets import group_lag, read_topic
+from pipeline.lineage.find import find
 from pipeline.lineage.trace import trace_many
 from pipeline.ops.rewind import group_state, is_live
 from tests.integration.harness import (
@@ -97,6 +98,13 @@ def test_four_stage_pipeline_counts_every_good_reading_once(broker, tmp_path):
         one = next(t for t in traces.values() if t.end == "window")
         assert [h["stage"] for h in one.hops] == ["ingest", "parse", "enrich", "aggregate"]
         assert one.windows[0]["count"] >= 1
+        # one record's trace from one partition of the lineage topic: the same path
+        for lineage_id in (one.lineage_id, next(i for i, t in traces.items() if t.end != "window")):
+            found = find(settings, lineage_id)
+            assert len({p for t, p in found.cost.partitions if t == settings.lineage_topic}) <= 2
+            whole = traces[lineage_id]
+            assert (found.trace.hops, found.trace.windows) == (whole.hops, whole.windows)
+            assert found.trace.end == whole.end
         env = {"KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap}
         shown = run_cli(["--config", str(config), "lineage", "trace", one.lineage_id], env)
         assert shown.exit_code == 0 and "end: window" in shown.stdout, shown.output

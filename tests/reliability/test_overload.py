@@ -47,9 +47,10 @@ OVERLOAD_S = 20
 READINGS = 640_000
 FACTOR = 3
 RSS_LIMIT_MIB = 512
-# ingest remembers (device, seq) pairs to drop repeats: up to dedup_max_keys pairs,
-# about 0.5 KB each (default 200000, ~100 MiB). A smaller cap here, so that the
-# cache is full early and whatever grows after that would be the backlog's doing.
+# ingest remembers the readings it accepted to drop repeats: up to dedup_max_keys of
+# them, about 90 bytes each (default 200000, ~17 MiB; 0.5 KB each before). A smaller
+# cap here, so that the cache is full early and whatever grows after that would be
+# the backlog's doing.
 DEDUP_MAX_KEYS = 50_000
 GROWTH_LIMIT_MIB = 64
 

@@ -137,3 +137,86 @@ def test_backfill_input_does_not_keep_the_live_lane_from_closing_idle_windows():
     s.process(0, [b(3)])
     result = s.tick(0, quiet_since=0.0)
     assert [w["window_start"] for w in windows(result)] == [0]  # the live window closed
+
+
+# -- ended-lane markers expire ---------------------------------------------------------
+DAY_S = 86_400
+
+
+def kept(stage: Windows, results) -> dict[bytes, bytes]:
+    """The changelog as compaction leaves it: last value per key, tombstones gone."""
+    log: dict[bytes, bytes | None] = {}
+    for result in results:
+        for k, v in result.writes:
+            log[k] = v
+    return {k: v for k, v in log.items() if v is not None}
+
+
+def make_kept_for(clock: Clock, retention_s: float) -> Windows:
+    from stages.aggregate import aggregate
+    from tests.unit.records import engine
+    from tests.unit.test_aggregate import L
+
+    config = {"window_s": W // 1000, "allowed_lateness_s": L // 1000}
+    return Windows(
+        engine(aggregate, config, clock, idle_timeout_s=1, ended_lane_retention_s=retention_s)
+    )
+
+
+def test_a_late_record_of_an_ended_run_is_refused_for_the_whole_retention_even_after_restarts():
+    clock = Clock()
+    s = make_kept_for(clock, 7 * DAY_S)
+    results = [s.process(0, [b(1, 1.0, "A"), end_of_input()])]
+    ended_at = clock.t
+    for days in (1, 3, 6.99):  # a dead letter of the run redriven days later: still late
+        clock.t = ended_at + days * DAY_S
+        restarted = make_kept_for(clock, 7 * DAY_S)  # from the changelog, as a new worker
+        restarted.load(0, kept(s, results).items())
+        late = restarted.process(0, [b(2, 9.0, lineage=f"redriven-{days}")])
+        assert [d.reason for d in late.dead] == ["late"] and not late.outputs
+        results.append(late)
+        s = restarted
+    marker = b'["end",0,"%s"]' % RUN.encode()
+    assert orjson.loads(kept(s, results)[marker]) == {"at": int(ended_at * 1000)}
+
+
+def test_an_ended_marker_is_deleted_after_the_retention_in_the_batch_before_its_fence():
+    clock = Clock()
+    s = make_kept_for(clock, 7 * DAY_S)
+    results = [s.process(0, [b(1, 1.0, "A"), end_of_input()])]
+    clock.t += 7 * DAY_S
+    expiring = s.process(0, [r(5)])  # any batch of the partition
+    results.append(expiring)
+    marker = b'["end",0,"%s"]' % RUN.encode()
+    keys = [k for k, _ in expiring.writes]
+    assert (marker, None) in expiring.writes
+    assert keys.index(marker) < keys.index(b'["in",0,"iot.enriched"]')  # before the fence
+    assert RUN not in s.ended[0] and marker not in kept(s, results)
+    # promised no longer: a record of the run opens a lane again
+    again = s.process(0, [b(3, 2.0, "B")])
+    assert not again.dead and (0, RUN) in s.lanes
+
+
+def test_state_does_not_grow_with_the_number_of_runs():
+    clock = Clock()
+    s = make_kept_for(clock, 2 * DAY_S)
+    results = []
+    sizes = []
+    for n in range(60):  # one backfill run a day for two months
+        run = contract.backfill_source(f"run-{n}")
+        rec = r(1, 1.0, f"L{n}")
+        rec = dataclasses.replace(rec, headers=(*rec.headers, ("source", run.encode())))
+        results.append(s.process(0, [rec, end_of_input(run)]))
+        sizes.append(len(kept(s, results)))
+        clock.t += DAY_S
+    assert max(sizes[10:]) == max(sizes[:10])  # flat: runs ended days ago are forgotten
+    assert len(s.ended[0]) <= 3
+
+
+def test_a_marker_written_before_markers_had_a_time_expires_a_retention_after_loading():
+    clock = Clock()
+    s = make_kept_for(clock, DAY_S)
+    s.load(0, [(b'["end",0,"%s"]' % RUN.encode(), b"{}")])
+    assert [d.reason for d in s.process(0, [b(1)]).dead] == ["late"]
+    clock.t += DAY_S
+    assert (b'["end",0,"%s"]' % RUN.encode(), None) in s.process(0, [r(2)]).writes

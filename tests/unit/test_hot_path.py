@@ -23,6 +23,7 @@ from pipeline.engine.result import BatchResult
 from pipeline.errors import DeliveryError, RecordsRefused
 from pipeline.kafka.produce import AsyncProducer
 from pipeline.lineage import hops as lineage
+from pipeline.lineage import placing
 from pipeline.records import Delivered, Deliveries, OutRecord, Record
 from pipeline.runtime import binding as bindings
 from pipeline.settings import load_settings
@@ -319,9 +320,9 @@ def test_hops_of_a_batch_expand_to_one_hop_per_record():
         "parse", "iot.lineage", records, result, retries, delivered, 77,
         ["iot.parsed"] * 4, "iot.parse.retry", "iot.parse.dlq",
     )  # fmt: skip
-    assert len(out) == 1
-    topic, key, value, headers, ts = out[0]
-    assert (topic, key, headers, ts) == ("iot.lineage", b"parse/iot.raw/2", [], None)
+    assert len(out) == 1  # one lineage partition: one record
+    topic, partition, key, value = out[0]
+    assert (topic, partition, key) == ("iot.lineage", 0, b"parse/iot.raw/2")
     hops = {h["id"]: h for h in lineage.expand(value)}
     assert hops["L0"] == {
         "id": "L0",
@@ -349,11 +350,11 @@ def test_hops_of_a_batch_expand_to_one_hop_per_record():
         "parse", "iot.lineage", records, result, retries, list(delivered), 77,
         ["iot.parsed"] * 4, "iot.parse.retry", "iot.parse.dlq",
     )  # fmt: skip
-    assert lineage.expand(named[0][2]) == lineage.expand(value)
+    assert lineage.expand(named[0][3]) == lineage.expand(value)
 
 
 def test_counted_hops_and_chunks(monkeypatch):
-    monkeypatch.setattr(lineage, "MAX_HOPS", 4)
+    monkeypatch.setattr(placing, "MAX_HOPS", 4)
     records = [Record("iot.enriched", 1, i, 0, b"k", b"v", ()) for i in range(10)]
     result = BatchResult("aggregate", {})
     result.counted = [(i, f"L{i}", ["dev", "temp", 60_000]) for i in range(10)]
@@ -361,7 +362,7 @@ def test_counted_hops_and_chunks(monkeypatch):
         "aggregate", "iot.lineage", records, result, [], Deliveries([], [], []), 5, [], "", "dlq"
     )
     assert len(out) == 3
-    hops = [h for _, _, value, _, _ in out for h in lineage.expand(value)]
+    hops = [h for _, _, _, value in out for h in lineage.expand(value)]
     assert [h["id"] for h in hops] == [f"L{i}" for i in range(10)]
     assert hops[9] == {
         "id": "L9",
