@@ -128,6 +128,8 @@ def trace_command(
             f"{k} {v}" for k, v in window.items() if k != "at" and not isinstance(v, dict | list)
         )
         click.echo(f"result at {_where(window['at'])}: {summary}")
+        for stored in window.get("stored", []):
+            click.echo(f"  stored by {stored['stage']} at {stored['ref']}")
     click.echo(f"end: {found.end}")
     for part in searched:
         click.echo(f"read {_searched(part)} (stopped: {part.stopped})")

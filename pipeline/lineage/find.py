@@ -13,7 +13,8 @@ produced, which does not go down within a partition. :func:`find` reads:
    is :data:`SETTLE_MS` past its last hop;
 3. the same for the parent of a fan-out's child (from the parent's time), and for
    the result of each ``counted`` hop: the ``emitted`` record of its reference
-   (from the counted hop's time), then that one output record.
+   (from the counted hop's time), then that one output record, and, when the
+   pipeline has sinks, that record's ``stored`` hops (where it landed).
 
 So a trace costs O(log n) fetches plus the lineage produced in one window of one
 partition, whatever the topic's length. What it does not see: hops earlier than
@@ -26,16 +27,16 @@ device that buffered: give ``start``), and hops written before placement by id
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
-from pipeline.contract import H_STATE_REF, ulid_ms
+from pipeline.contract import H_LINEAGE, H_STATE_REF, ulid_ms
 from pipeline.errors import ConfigError
 from pipeline.kafka.seek import PartitionSeeker, ReadCost, timestamp
-from pipeline.lineage.hops import COUNTED, expand
+from pipeline.lineage.hops import COUNTED, STORED, expand
 from pipeline.lineage.placing import emitted, lineage_partition
 from pipeline.lineage.trace import COMPLETE_ENDS, Trace, end_of, order_hops
 from pipeline.settings import Settings
@@ -102,6 +103,9 @@ class _Finder:
         self.partitions = settings.topics[topic].partitions
         self.order = settings.stage_ids
         self.finals = settings.topology.final_topics()
+        self.stages = settings.stages
+        #: stages with no output (sinks): a window's trace goes on to where it landed
+        self.sinks = any(not spec.all_outputs for spec in settings.stages.values())
         self.search = search
         self.seeker = seeker
         self.searched: list[Searched] = []
@@ -117,9 +121,15 @@ class _Finder:
             )
         return at - LEAD_MS
 
-    def hops(self, lineage_id: str) -> list[dict[str, Any]]:
+    def hops(
+        self,
+        lineage_id: str,
+        complete: Callable[[list[dict[str, Any]]], bool] | None = None,
+    ) -> list[dict[str, Any]]:
         """Hops of ``lineage_id``, and of children naming it as parent (marked
-        ``child``), from one window of its partition."""
+        ``child``), from one window of its partition; the read stops early once
+        ``complete(found)`` (default: the path ended)."""
+        complete = complete or self._complete
         tp = (self.topic, lineage_partition(lineage_id, self.partitions))
         start = self._start(lineage_id)
         offset, _ = self.seeker.offset_for_time(tp, start, SLACK)
@@ -146,7 +156,7 @@ class _Finder:
                 and checked != last_hop
             ):
                 checked = last_hop
-                if self._complete(found):
+                if complete(found):
                     stopped = "complete"
                     break
             value = msg.value()
@@ -221,7 +231,26 @@ class _Finder:
         if dict(msg.headers() or []).get(H_STATE_REF) != ref.encode():
             return None
         doc = orjson.loads(msg.value() or b"{}")
-        return {**(doc if isinstance(doc, dict) else {"value": doc}), "at": list(where)}
+        result = {**(doc if isinstance(doc, dict) else {"value": doc}), "at": list(where)}
+        lineage = dict(msg.headers() or []).get(H_LINEAGE)
+        if isinstance(lineage, bytes) and lineage:
+            result["lineage_id"] = lineage.decode("ascii", "replace")
+        return result
+
+    def stored(self, lineage_id: str, topic: str) -> list[dict[str, Any]]:
+        """Where sinks stored the record ``lineage_id`` of ``topic`` (a window): its
+        ``stored`` hops, ``{"stage", "ref"}`` each. The read stops once every stage
+        reading ``topic`` has a hop of it (a Parquet sink's comes at its flush)."""
+        readers = {sid for sid, spec in self.stages.items() if topic in spec.inputs}
+
+        def everyone(found: list[dict[str, Any]]) -> bool:
+            return readers <= {h["stage"] for h in found}
+
+        return [
+            {"stage": h["stage"], "ref": h.get("ref")}
+            for h in self.hops(lineage_id, everyone)
+            if h["outcome"] == STORED and "child" not in h
+        ]
 
 
 def find(
@@ -257,6 +286,10 @@ def find(
             if h["outcome"] == COUNTED
             and (result := results.get((h["stage"], orjson.dumps(h["window"]).decode())))
         ]
+        if finder.sinks:  # where the windows landed outside Kafka
+            for window in windows:
+                if "lineage_id" in window:
+                    window["stored"] = finder.stored(window["lineage_id"], window["at"][0])
         end = end_of(hops, windows, children, finder.finals)
         trace = Trace(lineage_id, hops, windows, end, parent, children)
     return Found(trace, finder.searched, cost)

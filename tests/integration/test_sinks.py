@@ -22,8 +22,10 @@ import psycopg
 import pyarrow.dataset as ds
 import pytest
 
+from pipeline.contract import entry_lineage_id
 from pipeline.kafka.clients import producer
 from pipeline.kafka.offsets import read_topic
+from pipeline.kafka.seek import timestamp
 from pipeline.settings import Settings
 from pipeline.testing.postgres import PostgresServer
 from tests.integration.harness import REPO, Pipeline, isolated_config, wait_for
@@ -239,6 +241,18 @@ def test_windows_land_in_the_table_and_the_lake_exactly_once(broker, pg, tmp_pat
         assert stored["lake"].startswith("date=") and stored["lake"].endswith(".parquet")
         assert trace["end"] == "stored" and trace["complete"]
         assert (lake / stored["lake"]).exists()
+
+        # a reading traces into its window, and on to the row and the file it landed in
+        first = read_topic(settings, settings.stages["aggregate"].inputs[0])[0]
+        reading_id = entry_lineage_id(
+            timestamp(first) or 0, first.topic(), first.partition(), first.offset()
+        )
+        traced = cli(config, broker.bootstrap, "lineage", "trace", reading_id, "--json")
+        assert traced.returncode == 0, traced.stderr
+        (result,) = orjson.loads(traced.stdout)["windows"]
+        assert {s["stage"] for s in result["stored"]} == {"store", "lake"}
+        human = cli(config, broker.bootstrap, "lineage", "trace", reading_id)
+        assert "stored by store at" in human.stdout and "stored by lake at" in human.stdout
 
         # status: both sinks are stages like the others, caught up
         shown = cli(config, broker.bootstrap, "status", "--json")
