@@ -28,8 +28,10 @@ waiting
     interval: the stage holds it on purpose until its backoff ends, so it counts
     as lag but not as a stall.
 DLQ depth
-    Dead letters on the stage's dead-letter topic by ``dlq.reason``, above the
-    purge floor (:func:`dlq.store.iter_dead_letters`, :func:`dlq.store.summarize`).
+    Dead letters on the stage's dead-letter topic above the purge floor, from
+    offsets (O(1), whatever the topic holds), and those of the last day by
+    ``dlq.reason`` (:func:`dlq.summary.window_summary`: a bounded read). A DLQ topic
+    several stages share is counted from the last day's only.
 last processed
     The timestamp of the last record of the stage's output topic: the last record
     of each partition (read at high watermark - 1 with a group-less consumer),
@@ -65,8 +67,9 @@ from typing import Any, Literal
 from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, KafkaError, KafkaException, TopicPartition
 
 from dlq import retry
-from dlq.read import iter_dead_letters
-from dlq.view import iso, summarize
+from dlq.read import Filters
+from dlq.summary import window_summary
+from dlq.view import iso
 from pipeline.errors import BrokerError
 from pipeline.kafka.clients import admin, broker_error, client_config, consumer
 from pipeline.kafka.offsets import committed_offsets, high_watermarks, partitions_of
@@ -80,6 +83,9 @@ Verdict = Literal["ok", "idle", "behind", "stalled", "down", "crash-looping"]
 
 HEALTHY: frozenset[str] = frozenset({"ok", "idle", "behind"})
 DEFAULT_SAMPLE_S = 2.0
+#: the dead letters shown by reason are those of the last day (held ones are counted
+#: from offsets, whatever their age)
+DLQ_WINDOW_MS = 24 * 3_600_000
 _READ_TIMEOUT = 10.0
 
 # --------------------------------------------------------------------------- pure
@@ -157,7 +163,11 @@ class StageStatus:
     partitions: tuple[PartitionLag, ...]
     committed_in_sample: int
     elapsed_s: float
+    #: dead letters of the last day, by reason (a window: the cost does not grow
+    #: with the DLQ's history)
     dlq_by_reason: Mapping[str, int] = field(default_factory=dict)
+    #: dead letters the stage's DLQ holds (from offsets; None when shared)
+    dlq_held: int | None = None
     last_processed_ms: int | None = None
     #: batches workers of the stage failed on and no batch got past yet
     failures: tuple[Failure, ...] = ()
@@ -180,6 +190,9 @@ class StageStatus:
 
     @property
     def dlq_depth(self) -> int:
+        """Dead letters held (the last day's when the DLQ topic is shared)."""
+        if self.dlq_held is not None:
+            return self.dlq_held
         return sum(self.dlq_by_reason.values())
 
     @property
@@ -207,6 +220,7 @@ class StageStatus:
             "throughput": round(self.throughput, 3),
             "dlq_depth": self.dlq_depth,
             "dlq_by_reason": dict(self.dlq_by_reason),
+            "dlq_by_reason_since": "24h",
             "last_processed": iso(self.last_processed_ms),
             "last_processed_ms": self.last_processed_ms,
             "verdict": self.verdict,
@@ -252,11 +266,13 @@ def problem_line(statuses: Sequence[StageStatus]) -> str | None:
     return "unhealthy stage(s): " + "; ".join(parts)
 
 
-def format_dlq(by_reason: Mapping[str, int]) -> str:
-    total = sum(by_reason.values())
+def format_dlq(by_reason: Mapping[str, int], held: int | None = None) -> str:
+    """``held (last day: reason n, ...)``."""
+    total = sum(by_reason.values()) if held is None else held
     if not total:
         return "0"
-    return f"{total} (" + ", ".join(f"{r} {n}" for r, n in by_reason.items() if n) + ")"
+    recent = ", ".join(f"{r} {n}" for r, n in by_reason.items() if n)
+    return f"{total} (last day: {recent})" if recent else str(total)
 
 
 def format_age(seconds: float) -> str:
@@ -303,7 +319,7 @@ def summary_rows(statuses: Sequence[StageStatus], now_ms: int) -> list[list[Any]
             s.members,
             format_lag(s),
             f"{s.throughput:.1f}",
-            format_dlq(s.dlq_by_reason),
+            format_dlq(s.dlq_by_reason, s.dlq_held),
             format_last(s.last_processed_ms, now_ms),
             s.verdict,
         ]
@@ -388,15 +404,17 @@ def _last_of(settings: Settings, topics: Sequence[str]) -> int | None:
     return max(stamps) if stamps else None
 
 
-def _dlq_by_reason(settings: Settings) -> dict[str, dict[str, int]]:
+def _dlq_by_reason(
+    settings: Settings, now_ms: int
+) -> tuple[dict[str, dict[str, int]], dict[str, int | None]]:
+    """Dead letters of the last :data:`DLQ_WINDOW_MS` per stage and reason (a bounded
+    read, :func:`dlq.summary.window_summary`), and what each stage's DLQ holds (from
+    offsets; None for a DLQ topic several stages share)."""
     out: dict[str, dict[str, int]] = {s: {} for s in settings.stage_ids}
-    letters = iter_dead_letters(settings, settings.stage_ids)
-    try:
-        for row in summarize(letters):
-            out[row.stage][row.reason] = row.count
-    finally:
-        letters.close()
-    return out
+    summary = window_summary(settings, settings.stage_ids, Filters(), now_ms - DLQ_WINDOW_MS, None)
+    for row in summary.rows:
+        out[row.stage][row.reason] = row.count
+    return out, summary.held
 
 
 def _waiting(settings: Settings, partitions: list[PartitionLag], since_ms: int) -> set[TP]:
@@ -458,7 +476,7 @@ def collect(settings: Settings, sample_s: float = DEFAULT_SAMPLE_S) -> list[Stag
             before[s] = (at, committed_offsets(client, settings.group_id(s), inputs[s]))
         deadline = min(at for at, _ in before.values()) + sample_s
         # read what does not need the sample while it runs
-        dlq = _dlq_by_reason(settings)
+        dlq, dlq_held = _dlq_by_reason(settings, int(time.time() * 1000))
         last = {s: _last_of(settings, specs[s].all_outputs) for s in stage_ids}
         time.sleep(max(0.0, deadline - time.monotonic()))
         after: dict[str, tuple[float, dict[TP, int | None]]] = {}
@@ -498,6 +516,7 @@ def collect(settings: Settings, sample_s: float = DEFAULT_SAMPLE_S) -> list[Stag
                     committed_in_sample=committed_delta(before[s][1], committed, inputs[s]),
                     elapsed_s=after[s][0] - before[s][0],
                     dlq_by_reason=dlq[s],
+                    dlq_held=dlq_held.get(s),
                     last_processed_ms=last[s],
                     failures=tuple(
                         f

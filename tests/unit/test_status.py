@@ -153,6 +153,7 @@ def test_report_json_shape():
         "throughput",
         "dlq_depth",
         "dlq_by_reason",
+        "dlq_by_reason_since",
         "last_processed",
         "last_processed_ms",
         "verdict",
@@ -209,7 +210,7 @@ def test_table_rows_line_up_with_headers():
     by_stage = {r[0]: dict(zip(SUMMARY_HEADERS, r, strict=True)) for r in rows}
     assert by_stage["ingest"]["verdict"] == "down"
     assert by_stage["ingest"]["lag"] == "200"
-    assert by_stage["ingest"]["dlq"] == "2 (empty 2)"
+    assert by_stage["ingest"]["dlq"] == "2 (last day: empty 2)"
     assert by_stage["ingest"]["last processed"] is None
     assert by_stage["parse"]["last processed"] == "2023-11-14T22:13:20.000Z (61s ago)"
     assert by_stage["enrich"]["lag"] == "6 (2 waiting)"
@@ -222,7 +223,10 @@ def test_table_rows_line_up_with_headers():
 
 def test_formatting_helpers():
     assert format_dlq({}) == "0"
-    assert format_dlq({"decode_error": 3, "late": 1}) == "4 (decode_error 3, late 1)"
+    assert format_dlq({"decode_error": 3, "late": 1}) == "4 (last day: decode_error 3, late 1)"
+    # held from offsets: older dead letters count though the last day had fewer
+    assert format_dlq({"late": 1}, held=7) == "7 (last day: late 1)"
+    assert format_dlq({}, held=5) == "5"
     assert [format_age(s) for s in (-1, 5, 119, 600, 7199, 7200, 200_000)] == [
         "0s",
         "5s",
