@@ -132,7 +132,7 @@ def start_peer(bench: Bench, kind: str) -> Running:
     create_plain_topics(bench.bootstrap, [t[k] for k in one], 1, week)
     # the registry, keyed by device id and partitioned as quixstreams' producer does
     # (its join needs both sides co-partitioned), stamped before every reading
-    registry = Producer({"bootstrap.servers": bench.bootstrap})
+    registry = Producer({"bootstrap.servers": bench.bootstrap, "partitioner": "murmur2"})
     for device in devices_csv():
         registry.produce(
             t["devices"], device.to_json(), device.device_id.encode(), timestamp=86_400_000
