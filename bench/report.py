@@ -257,6 +257,8 @@ def markdown(results: dict[str, Any]) -> str:
                 + f" | {fmt(s[k].get('broker_cpu_us_per_record'), 1)} |"
             )
     lines += latency_markdown(results.get("latency"))
+    for key in sorted(k for k in results if k.startswith("latency_")):
+        lines += latency_markdown(results[key])
     if results.get("errors"):
         lines += ["", "Errors:", *(f"- {e}" for e in results["errors"])]
     return "\n".join(lines) + "\n"

@@ -168,6 +168,14 @@ def main() -> int:
         action="store_true",
         help="also run the latency levels with fetch_max_wait_ms=500 (the value before)",
     )
+    parser.add_argument(
+        "--latency-variant",
+        action="append",
+        default=[],
+        metavar="NAME=KEY=VALUE[,KEY=VALUE]",
+        help="also run the latency levels with these worker settings (repeatable), e.g. "
+        "commit02=PIPELINE_RUNNER__COMMIT_INTERVAL_S=0.2",
+    )
     parser.add_argument("--only", default=",".join(ALL), help=f"comma list of {','.join(ALL)}")
     parser.add_argument("--skip", default="", help="comma list of paths to leave out")
     parser.add_argument("--timeout", type=float, default=3600, help="give up after (s)")
@@ -269,9 +277,14 @@ def main() -> int:
             max_rate = sustained or (3000.0 if quick else 10_000.0)
             try:
                 results["latency"] = run_latency(bench, max_rate, args.latency_s)
-                if args.latency_before:
-                    results["latency_before"] = run_latency(
-                        bench, max_rate, args.latency_s, extra=BEFORE_ENV, variant="before"
+                variants = [("before", BEFORE_ENV)] if args.latency_before else []
+                for spec in args.latency_variant:
+                    name, _, pairs = spec.partition("=")
+                    env = dict(p.split("=", 1) for p in pairs.split(",") if p)
+                    variants.append((name, env))
+                for name, env in variants:
+                    results[f"latency_{name}"] = run_latency(
+                        bench, max_rate, args.latency_s, extra=env, variant=name
                     )
             except BenchError as exc:
                 log(f"latency failed: {exc}")

@@ -136,7 +136,7 @@ def run_path(bench: Bench, name: str, path: str, source: str) -> dict[str, Any]:
         "records_per_s": rate(total, t_end - t0),
         "processed_records_per_s": rate(total, done["t"] - t0),
         **cpu_figures(cpu, total),
-        "peak_rss_mb": peak,
+        "peak_rss_mb": peak or done.get("peak_rss_mb"),
     }
 
 
