@@ -223,7 +223,10 @@ def level(
     seconds: float,
     ports: dict[str, int],
 ) -> dict[str, Any]:
-    """Readings at ``per_s`` for ``seconds``; their hops once they all got through."""
+    """Readings at ``per_s`` for ``seconds``; their hops once they all got through.
+    First 5 s of the same rate, not measured: the workers' first batches (lookups
+    loaded, the garbage collector tuned) and the queues at their level."""
+    produce_at_rate(run.producer_config, run.landing, per_s, 5.0)
     before = processing_means(ports)
     meter = CpuMeter({n: c.pid for n, c in run.children.items()}, bench.broker_pid)
     meter.start()
