@@ -160,8 +160,8 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="a smoke test: small, 1 repeat")
     parser.add_argument("--repeats", type=int, default=None, help="rounds (3; --quick 1)")
     parser.add_argument("--records", type=int, default=None, help="one-stage paths (1,000,000)")
-    parser.add_argument("--naive-records", type=int, default=None, help="naive Faust (100,000)")
-    parser.add_argument("--e2e-records", type=int, default=None, help="four stages (400,000)")
+    parser.add_argument("--naive-records", type=int, default=None, help="naive Faust (150,000)")
+    parser.add_argument("--e2e-records", type=int, default=None, help="four stages (600,000)")
     parser.add_argument("--latency-s", type=float, default=None, help="per load level (30 s)")
     parser.add_argument(
         "--latency-before",
@@ -187,8 +187,8 @@ def main() -> int:
     quick = args.quick
     args.repeats = args.repeats or (1 if quick else 3)
     args.records = args.records or (60_000 if quick else 1_000_000)
-    args.naive_records = min(args.records, args.naive_records or (5_000 if quick else 100_000))
-    args.e2e_records = min(args.records, args.e2e_records or (30_000 if quick else 400_000))
+    args.naive_records = min(args.records, args.naive_records or (5_000 if quick else 150_000))
+    args.e2e_records = min(args.records, args.e2e_records or (30_000 if quick else 600_000))
     args.e2e_raw_records = min(args.records, 2 * args.e2e_records)
     args.latency_s = args.latency_s or (8.0 if quick else 30.0)
     only = [p.strip() for p in args.only.split(",") if p.strip()]
