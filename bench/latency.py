@@ -16,6 +16,9 @@ Hops of a reading (p50 and p99 over the readings of a level):
 * ``parse``, ``enrich``, ``aggregate``: the previous stage done → this one done (the
   same parts, starting when the record was appended to the stage's input);
 * ``commit``: the aggregate done → its input offset committed (commit interval);
+* for one reading in ten, the ingest hop split: ``landing`` (produced → the broker
+  acknowledged it, the producer's linger and the broker's append) and
+  ``ingest_after_landing`` (→ ingest done);
 * ``to_enriched``, ``to_aggregate``, ``to_committed``: from produced, end to end.
 
 Beside them, per stage, the mean time a batch spends being processed (stage work,
@@ -25,6 +28,7 @@ and the mean batch size: the rest of a hop is waiting (for a fetch, in a queue).
 
 from __future__ import annotations
 
+import hashlib
 import random
 import threading
 import time
@@ -35,10 +39,14 @@ from confluent_kafka import Consumer, KafkaError, TopicPartition
 from confluent_kafka.admin import AdminClient
 from procs import BenchError, CpuMeter, log, metric_sum, percentile, scrape_text, wait_until
 
+from pipeline.contract import lineage_id
 from pipeline.demo.simulator import metric_of
 from pipeline.kafka.offsets import committed_offsets, high_watermarks
 
 HOPS = ("ingest", "parse", "enrich", "aggregate", "commit")
+#: the ingest hop split, for one reading in ten: produced → acknowledged by the broker,
+#: then → ingest done
+LANDING = ("landing", "ingest_after_landing")
 TOTALS = ("to_enriched", "to_aggregate", "to_committed")
 _CROCKFORD = {c: i for i, c in enumerate("0123456789ABCDEFGHJKMNPQRSTVWXYZ")}
 
@@ -140,11 +148,27 @@ class CommitSampler:
         self._thread.join(timeout=5)
 
 
-def produce_at_rate(config: dict[str, Any], topic: str, per_s: float, seconds: float) -> int:
-    """Live readings (``ts`` = now when handed to the producer) at ``per_s``."""
+def produce_at_rate(
+    config: dict[str, Any],
+    topic: str,
+    per_s: float,
+    seconds: float,
+    landed: dict[str, int] | None = None,
+) -> int:
+    """Live readings (``ts`` = now when handed to the producer) at ``per_s``.
+    ``landed``: for one reading in ten, its lineage id (as ingest derives it) → when
+    the broker acknowledged it (ms): the landing hop."""
     from confluent_kafka import Producer
 
     client = Producer(config)
+
+    def on_delivery(lineage: str) -> Any:
+        def report(err: Any, msg: Any) -> None:
+            if err is None and landed is not None:
+                landed[lineage] = int(time.time() * 1000)
+
+        return report
+
     rng = random.Random(11)
     devices = 100
     names = [f"dev-{i:04d}" for i in range(1, devices + 1)]
@@ -169,9 +193,15 @@ def produce_at_rate(config: dict[str, Any], topic: str, per_s: float, seconds: f
                 "unit": unit,
             }
             seqs[i] += 1
+            payload = orjson.dumps(doc)
+            extra: dict[str, Any] = {}
+            if landed is not None and sent % 10 == 0:
+                digest = hashlib.blake2b(payload, digest_size=16).digest()
+                lid = lineage_id(doc["ts"], names[i], str(doc["seq"]), digest)
+                extra["on_delivery"] = on_delivery(lid)
             while True:
                 try:
-                    client.produce(topic, orjson.dumps(doc), names[i].encode())
+                    client.produce(topic, payload, names[i].encode(), **extra)
                     break
                 except BufferError:
                     client.poll(0.01)
@@ -183,10 +213,15 @@ def produce_at_rate(config: dict[str, Any], topic: str, per_s: float, seconds: f
     return sent
 
 
-def hop_times(done: dict[str, int], t0: int, committed: int | None) -> dict[str, float]:
+def hop_times(
+    done: dict[str, int], t0: int, committed: int | None, landed: int | None = None
+) -> dict[str, float]:
     """A reading's hops and totals in seconds (those its stages reached)."""
     out: dict[str, float] = {}
     previous = t0
+    if landed is not None and "ingest" in done:
+        out["landing"] = (landed - t0) / 1000
+        out["ingest_after_landing"] = (done["ingest"] - landed) / 1000
     for stage in ("ingest", "parse", "enrich", "aggregate"):
         at = done.get(stage)
         if at is None:
@@ -231,7 +266,8 @@ def level(
     meter = CpuMeter({n: c.pid for n, c in run.children.items()}, bench.broker_pid)
     meter.start()
     start_ms = int(time.time() * 1000)
-    sent = produce_at_rate(run.producer_config, run.landing, per_s, seconds)
+    landed: dict[str, int] = {}
+    sent = produce_at_rate(run.producer_config, run.landing, per_s, seconds, landed)
     end_ms = int(time.time() * 1000)
 
     def mine() -> dict[str, dict[str, int]]:
@@ -254,11 +290,11 @@ def level(
     readings = mine()
     with reader.lock:
         where = {lid: (p, o) for p, o, lid in reader.aggregated}
-    samples: dict[str, list[float]] = {k: [] for k in (*HOPS, *TOTALS)}
+    samples: dict[str, list[float]] = {k: [] for k in (*HOPS, *LANDING, *TOTALS)}
     for lid, done in readings.items():
         at = where.get(lid)
         committed = commits.committed_at(*at) if at is not None else None
-        for name, value in hop_times(done, ulid_ms(lid), committed).items():
+        for name, value in hop_times(done, ulid_ms(lid), committed, landed.get(lid)).items():
             samples[name].append(value)
     stages: dict[str, Any] = {}
     for stage in ports:

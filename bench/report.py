@@ -271,6 +271,8 @@ def latency_markdown(latency: dict[str, Any] | None) -> list[str]:
         return ["", f"Latency run failed: {latency['error'].splitlines()[0]}"]
     hops = ("ingest", "parse", "enrich", "aggregate", "commit")
     totals = ("to_enriched", "to_aggregate", "to_committed")
+    if any("landing" in lv.get("p50_s", {}) for lv in latency["levels"].values()):
+        hops = ("landing", "ingest_after_landing", *hops)
     lines = [
         "",
         f"Latency ({latency['variant']}), our four workers, readings produced at a share of "
@@ -295,16 +297,15 @@ def latency_markdown(latency: dict[str, Any] | None) -> list[str]:
             + " | ".join(ms(h) for h in (*hops, *totals))
             + f" | {fmt(lv['others_cores'], 2)} |"
         )
-    lines += [
-        "",
-        "| load | " + " | ".join(f"{st}: batch ms, records/batch" for st in hops[:4]) + " |",
-    ]
+    stages = ("ingest", "parse", "enrich", "aggregate")
+    heads = " | ".join(f"{st}: batch ms, records/batch" for st in stages)
+    lines += ["", "| load | " + heads + " |"]
     lines += ["|---|" + "---:|" * 4]
     for share, lv in latency["levels"].items():
         if "error" in lv:
             continue
         row = []
-        for st in hops[:4]:
+        for st in stages:
             x = lv["stages"].get(st, {})
             m = x.get("batch_processing_mean_s")
             row.append(f"{fmt(m and m * 1000, 1)}, {fmt(x.get('records_per_batch'))}")
@@ -313,13 +314,14 @@ def latency_markdown(latency: dict[str, Any] | None) -> list[str]:
 
 
 def write_results(results: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
+    """The JSON first: a report that fails to render must not lose the figures."""
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out_dir / "latest.json", out_dir / "latest.md"
-    for path, text in (
-        (json_path, json.dumps(results, indent=2) + "\n"),
-        (md_path, markdown(results)),
+    for path, make in (
+        (json_path, lambda: json.dumps(results, indent=2) + "\n"),
+        (md_path, lambda: markdown(results)),
     ):
         tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(text)
+        tmp.write_text(make())
         tmp.replace(path)
     return json_path, md_path
