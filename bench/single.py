@@ -35,7 +35,6 @@ from procs import (
     BenchError,
     Child,
     CpuMeter,
-    Profiler,
     metric_sum,
     rate,
     ready,
@@ -43,6 +42,7 @@ from procs import (
     stop_all,
     wait_until,
 )
+from profiling import Profiler
 
 from pipeline.demo.registry import publish_registry
 from pipeline.kafka.embedded import free_port
