@@ -31,26 +31,22 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from run import (  # the e2e bench's pieces: workers, latency reader, live producer
-    DEVICES,
+from data import DEVICES, run_config, simulated
+from live import LatencyReader, produce_at_rate
+from procs import (  # the benchmark's pieces: workers, polling, CPU
+    BENCH,
     REPO,
-    RESULTS,
     Child,
-    Context,
-    LatencyReader,
     broker_pid,
     cpu_of,
-    environment,
-    isolated_config,
     log,
     percentile,
-    produce_at_rate,
     ready,
-    simulated,
-    start_worker,
     stop_children,
     wait_until,
 )
+from report import environment
+from single import Bench, start_workers
 
 from pipeline.demo.registry import publish_registry
 from pipeline.kafka.embedded import start_embedded
@@ -58,6 +54,7 @@ from stages.enrich import read_registry_csv
 from stages.parse import decode
 
 STAGE_IDS = ("ingest", "parse", "enrich", "aggregate")  # the built-in pipeline
+RESULTS = BENCH / "results"
 
 COLUMNS = ("device_id", "ts", "seq", "metric", "value", "unit")
 
@@ -146,17 +143,19 @@ def main() -> int:
     broker = start_embedded()
     try:
         log(f"broker at {broker.bootstrap}; logs in {workdir}")
-        config, settings = isolated_config(workdir, broker.bootstrap, f"bf{os.getpid()}")
+        config, settings = run_config(workdir, broker.bootstrap, f"bf{os.getpid()}")
         publish_registry(settings, read_registry_csv((REPO / "config" / "devices.csv").read_text()))
         data = workdir / "readings.parquet"
         write_parquet(data, args.rows)
-        ns = argparse.Namespace(profile=False, out=args.out)
-        ctx = Context(ns, workdir, broker.bootstrap, broker_pid(), settings, config)
+        bench = Bench(broker.bootstrap, broker_pid(), workdir)
         extra = {
             "PIPELINE_STAGES__AGGREGATE__CONFIG__WINDOW_S": "10",
             "PIPELINE_STAGES__AGGREGATE__IDLE_TIMEOUT_S": "2",
         }
-        workers = {s: start_worker(ctx, s, config, f"bf-{s}", extra) for s in STAGE_IDS}
+        workers = {}
+        for s in STAGE_IDS:
+            worker = start_workers(bench, s, config, "bf", 1, extra)[0]
+            workers[s] = (worker.child, worker.port)
         children = [c for c, _ in workers.values()]
         wait_until(
             lambda: all(ready(port) for _, port in workers.values()), 120, "workers", 0.2, children

@@ -116,3 +116,46 @@ def peak_rss_mb(pid: int) -> float | None:
     """Peak resident set size (VmHWM) in MiB since the process started."""
     kb = _proc_status_kb(pid, "VmHWM")
     return None if kb is None else kb / 1024
+
+
+# -- the four stages' work, shared by the peers of bench/paths4.py -----------------------
+# The quixstreams and raw confluent-kafka four-stage pipelines validate with parse's own
+# code and enrich with the same arithmetic, so the comparison is of what runs around it.
+
+
+def parse_validator() -> Any:
+    """parse's Validator with the ranges of config/pipeline.yaml."""
+    from pathlib import Path
+
+    import yaml
+
+    from stages.parse import ParseConfig, Validator
+
+    doc = yaml.safe_load((Path(__file__).resolve().parent.parent / "config/pipeline.yaml").open())
+    return Validator(ParseConfig(**doc["stages"]["parse"]["config"]))
+
+
+def parse_reading(value: bytes | None, validator: Any, now_ms: int) -> tuple[Any, ...] | str:
+    """The reading's fields as parse validates them, or the dead-letter reason."""
+    from pipeline.errors import InvalidMessage
+    from stages.parse import decode
+
+    try:
+        if not value:
+            return "decode_error"
+        return tuple(validator._fields(decode(value), now_ms))
+    except InvalidMessage as exc:
+        return str(exc.reason)
+
+
+def enrich_reading(reading: dict[str, Any], device: dict[str, Any]) -> dict[str, Any]:
+    """What enrich adds to a reading from its device's registry entry."""
+    value = float(reading["value"])
+    reading["raw_value"] = value
+    reading["value"] = value + float(device.get("calibration_offset", 0.0))
+    reading["site"] = device["site"]
+    reading["device_type"] = device["device_type"]
+    reading["unit"] = reading.get("unit") or device["unit"]
+    if device.get("attributes"):
+        reading["attributes"] = device["attributes"]
+    return reading

@@ -79,6 +79,15 @@ CONSUMER_LAG = Gauge(
     ["stage", "topic", "partition"],
     registry=REGISTRY,
 )
+CONSUMER_LAG_SECONDS = Gauge(
+    "pipeline_consumer_lag_seconds",
+    "Age of the oldest record not yet committed in an assigned input partition: now minus "
+    "when it was appended (from the high watermarks this worker saw; for records there "
+    "before it started, from their ingest time); 0 when nothing waits. "
+    "pipeline.obs.lag_time explains the estimate.",
+    ["stage", "topic", "partition"],
+    registry=REGISTRY,
+)
 LATE_READINGS = Counter(
     "pipeline_late_readings_total",
     "Readings for windows already emitted (also dead-lettered with reason late).",

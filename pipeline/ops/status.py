@@ -16,6 +16,16 @@ lag
     :func:`pipeline.kafka.high_watermarks`) minus the group's committed offset
     (0 where it committed nothing), as :func:`pipeline.lag.group_lag` computes it;
     read at the end of the sample. Total: their sum.
+lag (s)
+    The age of the oldest record not yet committed, per input partition with lag:
+    the status time minus when the record at the committed offset came into the
+    pipeline (its ``ingest-ts`` header, or its timestamp where that is later,
+    :func:`pipeline.obs.lag_time.record_time_s`; a landing record's timestamp is
+    when the device's reading arrived). From the broker alone this is an upper bound:
+    a record that waited in an upstream stage counts that wait too. The workers'
+    gauge ``pipeline_consumer_lag_seconds`` knows when each record reached the
+    stage's own input (the ends it saw) and is the figure to autoscale on. Per
+    stage: the largest over its partitions, retries held for their backoff left out.
 throughput
     Records per second the group committed over a sampling interval: committed
     offsets are read, ``sample_s`` seconds pass, they are read again; the sum of
@@ -61,7 +71,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, KafkaError, KafkaException, TopicPartition
@@ -75,6 +85,7 @@ from pipeline.kafka.clients import admin, broker_error, client_config, consumer
 from pipeline.kafka.offsets import committed_offsets, high_watermarks, partitions_of
 from pipeline.kafka.topics import require_topics
 from pipeline.obs.failures import Failure, read_failures
+from pipeline.obs.lag_time import record_time_s
 from pipeline.ops.rewind import group_state, is_live
 from pipeline.settings import Settings
 
@@ -137,6 +148,8 @@ class PartitionLag:
     retry: bool = False
     #: a retry partition whose next record is held until its backoff ends
     waiting: bool = False
+    #: seconds the record at the committed offset has waited (None: no lag, or unread)
+    lag_s: float | None = None
 
     @property
     def lag(self) -> int:
@@ -151,6 +164,7 @@ class PartitionLag:
             "lag": self.lag,
             "retry": self.retry,
             "waiting": self.waiting,
+            "lag_s": None if self.lag_s is None else round(self.lag_s, 3),
         }
 
 
@@ -185,6 +199,12 @@ class StageStatus:
         return sum(p.lag for p in self.partitions if p.waiting)
 
     @property
+    def lag_s(self) -> float | None:
+        """The oldest uncommitted record's age over the partitions (held retries aside)."""
+        ages = [p.lag_s for p in self.partitions if p.lag_s is not None and not p.waiting]
+        return max(ages) if ages else None
+
+    @property
     def throughput(self) -> float:
         return rate(self.committed_in_sample, self.elapsed_s)
 
@@ -214,6 +234,7 @@ class StageStatus:
             "live": self.live,
             "lag": self.lag,
             "waiting": self.waiting,
+            "lag_s": None if self.lag_s is None else round(self.lag_s, 3),
             "partitions": [p.as_json() for p in self.partitions],
             "committed_in_sample": self.committed_in_sample,
             "sample_elapsed_s": round(self.elapsed_s, 3),
@@ -292,6 +313,17 @@ def format_last(ms: int | None, now_ms: int) -> str | None:
     return f"{iso(ms)} ({format_age((now_ms - ms) / 1000)} ago)"
 
 
+def format_lag_s(seconds: float | None) -> str:
+    """A lag in seconds for the table: ``-`` without lag, else its age."""
+    return "-" if seconds is None else format_age(seconds)
+
+
+def age_s(timestamp_ms: int, headers: Sequence[tuple[str, bytes]], now_ms: int) -> float | None:
+    """How long a record has waited since it came into the pipeline (see lag (s))."""
+    since = record_time_s(timestamp_ms, headers)
+    return None if since is None else max(0.0, now_ms / 1000 - since)
+
+
 def format_lag(status: StageStatus) -> str:
     if status.waiting:
         return f"{status.lag} ({status.waiting} waiting)"
@@ -303,12 +335,13 @@ SUMMARY_HEADERS = [
     "state",
     "members",
     "lag",
+    "lag s",
     "rec/s",
     "dlq",
     "last processed",
     "verdict",
 ]
-PARTITION_HEADERS = ["stage", "topic", "partition", "committed", "end", "lag"]
+PARTITION_HEADERS = ["stage", "topic", "partition", "committed", "end", "lag", "lag s"]
 
 
 def summary_rows(statuses: Sequence[StageStatus], now_ms: int) -> list[list[Any]]:
@@ -318,6 +351,7 @@ def summary_rows(statuses: Sequence[StageStatus], now_ms: int) -> list[list[Any]
             s.state,
             s.members,
             format_lag(s),
+            format_lag_s(s.lag_s),
             f"{s.throughput:.1f}",
             format_dlq(s.dlq_by_reason, s.dlq_held),
             format_last(s.last_processed_ms, now_ms),
@@ -336,6 +370,7 @@ def partition_rows(statuses: Sequence[StageStatus]) -> list[list[Any]]:
             p.committed,
             p.end,
             f"{p.lag} (waiting)" if p.waiting and p.lag else p.lag,
+            format_lag_s(p.lag_s),
         ]
         for s in statuses
         for p in s.partitions
@@ -417,20 +452,26 @@ def _dlq_by_reason(
     return out, summary.held
 
 
-def _waiting(settings: Settings, partitions: list[PartitionLag], since_ms: int) -> set[TP]:
-    """Retry partitions with lag whose next record is held until its backoff ends."""
+def _heads(settings: Settings, partitions: list[PartitionLag], since_ms: int) -> list[PartitionLag]:
+    """The partitions, with the age of the record at the committed offset of each that
+    has lag, and retry partitions whose next record is held until its backoff ends
+    marked waiting."""
     heads = _records_at(
-        settings,
-        {(p.topic, p.partition): p.committed or 0 for p in partitions if p.retry and p.lag},
+        settings, {(p.topic, p.partition): p.committed or 0 for p in partitions if p.lag}
     )
-    held = set()
-    for tp, msg in heads.items():
+    now_ms = int(time.time() * 1000)
+    out = []
+    for p in partitions:
+        msg = heads.get((p.topic, p.partition))
         if msg is None:
+            out.append(p)
             continue
         headers = [(k, v or b"") for k, v in (msg.headers() or [])]
-        if is_waiting(retry.due_at_ms(headers), since_ms):
-            held.add(tp)
-    return held
+        kind, ts = msg.timestamp()
+        stamp = ts if kind != TIMESTAMP_NOT_AVAILABLE else 0
+        held = p.retry and is_waiting(retry.due_at_ms(headers), since_ms)
+        out.append(replace(p, waiting=held, lag_s=age_s(stamp, headers, now_ms)))
+    return out
 
 
 def collect(settings: Settings, sample_s: float = DEFAULT_SAMPLE_S) -> list[StageStatus]:
@@ -498,13 +539,7 @@ def collect(settings: Settings, sample_s: float = DEFAULT_SAMPLE_S) -> list[Stag
                 PartitionLag(t, p, committed.get((t, p)), ends[(t, p)], retry=t == retry_topics[s])
                 for t, p in inputs[s]
             ]
-            held = _waiting(settings, parts, since_ms)
-            parts = [
-                PartitionLag(p.topic, p.partition, p.committed, p.end, p.retry, True)
-                if (p.topic, p.partition) in held
-                else p
-                for p in parts
-            ]
+            parts = _heads(settings, parts, since_ms)
             state, members = groups[s]
             statuses.append(
                 StageStatus(

@@ -90,6 +90,8 @@ def build_app(settings: Settings, stage_id: str) -> tuple[StageApp, StageBinding
     app.run_events = StageLineage(settings, stage_id)
     topic = app.topic(*spec.inputs, key_serializer="raw", value_serializer="raw")
 
+    clocks = app.landing_clocks
+
     def batch_agent(on_batch: Callable[[str, int, list[Record]], Awaitable[None]]) -> Any:
         """An agent that hands each partition batch to ``on_batch`` and acks it after;
         a stop by the dead-letter budget parks it, anything unexpected crashes."""
@@ -100,6 +102,15 @@ def build_app(settings: Settings, stage_id: str) -> tuple[StageApp, StageBinding
                     await binding.ready()  # first batch: recovery is complete by now
                     message = event.message
                     records = [to_record(r) for r in message.records]
+                    if records:
+                        first = records[0]
+                        clocks.batch(
+                            first.topic,
+                            first.partition,
+                            first.offset,
+                            first.timestamp_ms,
+                            first.headers,
+                        )
                     if await _through(binding, message, records, on_batch):
                         await binding.settle(event)
             except StageStopped:

@@ -7,6 +7,7 @@ from typing import Any
 
 import faust
 
+from pipeline.obs.lag_time import LandingClocks
 from pipeline.obs.openlineage import StageLineage
 from pipeline.runtime.transport import BatchTransport
 
@@ -25,6 +26,11 @@ class StageApp(faust.App):
     #: batches that will never be acked (a sink's held ones, ones waiting for a
     #: dependency), given up before a rebalance or a stop (pipeline.runtime.holding)
     forget_unacked: Callable[[], list[Any]] | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: when records of each input partition landed (lag in seconds)
+        self.landing_clocks = LandingClocks()
 
     def _new_transport(self) -> Any:
         return BatchTransport(self.conf.broker_consumer, self)

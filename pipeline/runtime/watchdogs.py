@@ -1,4 +1,4 @@
-"""A worker's watchdogs behind ``/healthz``, and its consumer-lag gauge."""
+"""A worker's watchdogs behind ``/healthz``, and its consumer-lag gauges."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import logging
 import os
 import threading
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
@@ -24,7 +24,7 @@ log = logging.getLogger("pipeline.runtime")
 
 def install_watchdogs(app: StageApp, settings: Settings, stage_id: str) -> None:
     """The event-loop heartbeat and the broker probe behind ``/healthz``, and the
-    consumer-lag gauge."""
+    consumer-lag gauges (records and seconds)."""
     spec = settings.stage(stage_id)
     limit = settings.runner.liveness_timeout_s
     last_tick = [time.monotonic()]
@@ -44,12 +44,13 @@ def install_watchdogs(app: StageApp, settings: Settings, stage_id: str) -> None:
     HEALTH.watch("event_loop", loop_blocked)
 
     published: set[tuple[str, int]] = set()
+    clocks = app.landing_clocks
 
-    async def sample_lag() -> None:
-        """Lag of each assigned input partition: the high watermark of the last Fetch
-        response (right on every broker) minus the group's committed offset."""
+    def assigned_ends() -> list[tuple[Any, int]]:
+        """Each assigned input partition with the high watermark of its last Fetch
+        response (right on every broker)."""
         consumer = app.consumer
-        seen: set[tuple[str, int]] = set()
+        out = []
         for tp in consumer.assignment():
             if tp.topic not in spec.inputs:
                 continue
@@ -57,18 +58,37 @@ def install_watchdogs(app: StageApp, settings: Settings, stage_id: str) -> None:
                 high = consumer.highwater(tp)
             except Exception:  # noqa: S112 (not fetched yet, or moving in a rebalance)
                 continue
-            if high is None or high < 0:
-                continue
+            if high is not None and high >= 0:
+                out.append((tp, int(high)))
+        return out
+
+    async def observe_ends() -> None:
+        """When each new end was first seen: what lag in seconds is computed from."""
+        clocks.observe(
+            ((tp.topic, tp.partition, high) for tp, high in assigned_ends()), time.time()
+        )
+
+    async def sample_lag() -> None:
+        """Lag of each assigned input partition, in records (the end minus the group's
+        committed offset) and in seconds (the age of the record at the committed
+        offset, pipeline.obs.lag_time)."""
+        consumer = app.consumer
+        seen: set[tuple[str, int]] = set()
+        now = time.time()
+        for tp, high in assigned_ends():
             committed = consumer._committed_offset.get(tp) or 0  # type: ignore[attr-defined]
-            metrics.CONSUMER_LAG.labels(stage_id, tp.topic, str(tp.partition)).set(
-                max(0, high - committed)
-            )
+            labels = (stage_id, tp.topic, str(tp.partition))
+            metrics.CONSUMER_LAG.labels(*labels).set(max(0, high - committed))
+            age = clocks.age(tp.topic, tp.partition, committed, now) if high > committed else 0.0
+            metrics.CONSUMER_LAG_SECONDS.labels(*labels).set(round(age, 3))
             seen.add((tp.topic, tp.partition))
         for topic, partition in published - seen:
             metrics.CONSUMER_LAG.remove(stage_id, topic, str(partition))
+            metrics.CONSUMER_LAG_SECONDS.remove(stage_id, topic, str(partition))
         published.clear()
         published.update(seen)
 
+    app.timer(interval=min(1.0, settings.runner.lag_interval_s))(observe_ends)
     app.timer(interval=settings.runner.lag_interval_s)(sample_lag)
 
     # The broker. Faust's clients retry a lost broker forever, so an idle worker

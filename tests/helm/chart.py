@@ -53,6 +53,8 @@ EVERYTHING: Obj = {
         "parse-canary": {"stage": "parse", "replicas": 1, "env": {"PIPELINE_LOG_LEVEL": "debug"}},
     },
     "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}}},
+    # KEDA also scales on lag in seconds, read from this Prometheus
+    "autoscaling": {"keda": {"prometheus": {"serverAddress": "http://prometheus:9090"}}},
     "grafanaDashboard": {"enabled": True},
     "networkPolicy": {"enabled": True},
     "backfill": {

@@ -14,6 +14,7 @@ from pipeline.settings import load_settings
 from tests.helm.chart import (
     FULLNAME,
     MONITORING_API,
+    NAMESPACE,
     REPO,
     SASL_VALUES,
     STAGE_IDS,
@@ -68,6 +69,50 @@ def test_keda_scales_a_stage_on_its_consumer_group_lag() -> None:
     # The autoscaler owns the replica count; Helm must not reset it on upgrade.
     assert "replicas" not in rendered.deployment("parse")["spec"]
     assert rendered.deployment("ingest")["spec"]["replicas"] == 1
+
+
+PROMETHEUS = {"autoscaling": {"keda": {"prometheus": {"serverAddress": "http://prom:9090"}}}}
+
+
+def test_with_a_prometheus_keda_also_scales_on_lag_in_seconds() -> None:
+    rendered = render(merged(AUTOSCALED, PROMETHEUS))
+
+    (scaled,) = rendered.of_kind("ScaledObject")
+    kafka, prometheus = scaled["spec"]["triggers"]
+    assert kafka["type"] == "kafka"
+    assert prometheus == {
+        "type": "prometheus",
+        "metricType": "Value",
+        "metadata": {
+            "serverAddress": "http://prom:9090",
+            "query": f'max(pipeline_consumer_lag_seconds{{stage="parse",namespace="{NAMESPACE}"}})',
+            "threshold": "30",
+            "activationThreshold": "5",
+            "ignoreNullValues": "true",
+        },
+    }
+
+
+def test_lag_in_seconds_per_stage_threshold_selector_and_off_switch() -> None:
+    values = merged(
+        AUTOSCALED,
+        PROMETHEUS,
+        {"autoscaling": {"keda": {"prometheus": {"selector": 'service=~"iot-.*"'}}}},
+        {"stages": {"parse": {"autoscaling": {"lagSecondsThreshold": 2.5}}}},
+        {"stages": {"enrich": {"autoscaling": {"enabled": True, "lagSecondsThreshold": 0}}}},
+    )
+    rendered = render(values)
+    by_name = {o["metadata"]["name"]: o for o in rendered.of_kind("ScaledObject")}
+    parse = by_name[f"{FULLNAME}-parse"]["spec"]["triggers"][-1]["metadata"]
+    assert parse["query"] == 'max(pipeline_consumer_lag_seconds{stage="parse",service=~"iot-.*"})'
+    assert parse["threshold"] == "2.5"
+    enrich = by_name[f"{FULLNAME}-enrich"]["spec"]["triggers"]
+    assert [t["type"] for t in enrich] == ["kafka"]  # 0 s: records only
+
+
+def test_without_a_prometheus_keda_scales_on_records_only() -> None:
+    (scaled,) = render(AUTOSCALED).of_kind("ScaledObject")
+    assert [t["type"] for t in scaled["spec"]["triggers"]] == ["kafka"]
 
 
 def test_keda_over_sasl_ssl_authenticates_from_the_existing_secret() -> None:

@@ -66,9 +66,13 @@ def _check_scaled_object(obj: Obj, rendered: Rendered) -> None:
     assert spec["triggers"]
     for trigger in spec["triggers"]:
         assert set(trigger) <= {"type", "metadata", "authenticationRef", "name", "metricType"}
-        assert trigger["type"] == "kafka"
+        assert trigger["type"] in ("kafka", "prometheus")
+        assert trigger.get("metricType", "AverageValue") in ("AverageValue", "Value")
         metadata = trigger["metadata"]
-        assert {"bootstrapServers", "consumerGroup", "topic", "lagThreshold"} <= set(metadata)
+        if trigger["type"] == "kafka":
+            assert {"bootstrapServers", "consumerGroup", "topic", "lagThreshold"} <= set(metadata)
+        else:
+            assert {"serverAddress", "query", "threshold"} <= set(metadata)
         assert all(isinstance(v, str) for v in metadata.values()), "KEDA metadata are strings"
         if "authenticationRef" in trigger:
             assert trigger["authenticationRef"]["name"] in rendered.names("TriggerAuthentication")

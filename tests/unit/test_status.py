@@ -147,6 +147,7 @@ def test_report_json_shape():
         "live",
         "lag",
         "waiting",
+        "lag_s",
         "partitions",
         "committed_in_sample",
         "sample_elapsed_s",
@@ -170,6 +171,7 @@ def test_report_json_shape():
             "lag": 120,
             "retry": False,
             "waiting": False,
+            "lag_s": None,
         },
         {
             "topic": "ingest.in",
@@ -179,6 +181,7 @@ def test_report_json_shape():
             "lag": 80,
             "retry": False,
             "waiting": False,
+            "lag_s": None,
         },
     ]
     assert ingest["dlq_depth"] == 2 and ingest["dlq_by_reason"] == {"empty": 2}
@@ -218,7 +221,35 @@ def test_table_rows_line_up_with_headers():
     parts = partition_rows(statuses)
     assert all(len(r) == len(PARTITION_HEADERS) for r in parts)
     assert len(parts) == sum(len(s.partitions) for s in statuses)
-    assert ["enrich", "enrich.retry (retry)", 0, 0, 2, "2 (waiting)"] in parts
+    assert ["enrich", "enrich.retry (retry)", 0, 0, 2, "2 (waiting)", "-"] in parts
+
+
+def test_lag_in_seconds_is_the_oldest_waiting_record_of_a_stage():
+    from dataclasses import replace
+
+    base = stage("enrich", [(5, 9), (3, 3)], retry_waiting=(0, 2))
+    parts = list(base.partitions)
+    parts[0] = replace(parts[0], lag_s=42.4)
+    parts[2] = replace(parts[2], lag_s=900.0)  # a retry held for its backoff: not late
+    status = replace(base, partitions=tuple(parts))
+    assert status.lag_s == 42.4
+    assert status.as_json()["lag_s"] == 42.4
+    assert status.as_json()["partitions"][0]["lag_s"] == 42.4
+    row = dict(zip(SUMMARY_HEADERS, summary_rows([status], now_ms=0)[0], strict=True))
+    assert row["lag s"] == "42s"
+    assert partition_rows([status])[0][-1] == "42s"
+    assert stage("parse", [(10, 10)]).lag_s is None
+
+
+def test_age_of_a_record_counts_from_its_ingest_time():
+    from pipeline.contract import H_INGEST_TS
+    from pipeline.ops.status import age_s
+
+    event_time_ms = 1_000_000  # a reading's own time, long before it came in
+    headers = [(H_INGEST_TS, b"1700000000000")]
+    assert age_s(event_time_ms, headers, now_ms=1_700_000_030_000) == 30.0
+    assert age_s(1_700_000_020_000, [], now_ms=1_700_000_030_000) == 10.0  # a landing record
+    assert age_s(0, [], now_ms=1) is None
 
 
 def test_formatting_helpers():
