@@ -28,7 +28,7 @@ from typing import Any
 
 import orjson
 
-from pipeline.contract import H_STATE_REF
+from pipeline.contract import H_LINEAGE, H_STATE_REF
 from pipeline.errors import ConfigError
 from pipeline.kafka.offsets import read_topic
 from pipeline.lineage.hops import COUNTED, DEAD_LETTER, DROPPED, PASSED, STORED, expand
@@ -139,10 +139,14 @@ def _results(settings: Settings, counted: set[tuple[str, bytes]]) -> dict[tuple[
                 ref = dict(message.headers() or []).get(H_STATE_REF)
                 if isinstance(ref, bytes) and (stage, ref) in counted:
                     doc = orjson.loads(message.value() or b"{}")
-                    results[(stage, ref)] = {
+                    result = {
                         **(doc if isinstance(doc, dict) else {"value": doc}),
                         "at": [message.topic(), message.partition(), message.offset()],
                     }
+                    lineage = dict(message.headers() or []).get(H_LINEAGE)
+                    if isinstance(lineage, bytes) and lineage:
+                        result["lineage_id"] = lineage.decode("ascii", "replace")
+                    results[(stage, ref)] = result
     return results
 
 

@@ -74,9 +74,11 @@ def test_lag_in_seconds_of_a_stopped_stage(broker, tmp_path):
             pipe.logs,
         )
         wait_for(lambda: lag_seconds(parse, raw)[0] > 0, 10, "a lag in seconds", pipe.logs)
-        # the worker saw them land: their age counts from then, not from ingest
+        # the worker saw them land: their age counts from then, not from ingest (600 s
+        # ago); dated between two samples of the high watermark, a record may count
+        # from the sample before it landed, and samples run late on a busy machine
         first = lag_seconds(parse, raw)[0]
-        assert 0 < first <= time.time() - landed + 2, first
+        assert 0 < first <= time.time() - landed + 5, first
         time.sleep(2.0)
         later = lag_seconds(parse, raw)[0]
         assert later >= first + 1.0, (first, later)  # a stopped stage keeps ageing
