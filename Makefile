@@ -42,8 +42,12 @@ system-deps:
 demo: install
 	$(BIN)/pipeline demo $(DEMO_ARGS)
 
+# Two test files at a time (pytest-xdist; each worker its own broker): integration
+# tests mostly wait on real processes, so two overlap well on 2 cores.
+TEST_JOBS ?= 2
+
 test: install system-deps
-	$(BIN)/pytest --ignore=tests/reliability
+	$(BIN)/pytest --ignore=tests/reliability -n $(TEST_JOBS) --dist loadfile
 
 # Crash, restart and bad-input scenarios (several minutes); CI runs them too.
 test-reliability: install system-deps
