@@ -76,6 +76,23 @@ def high_watermarks(
         probe.close()
 
 
+def topic_partitions(client: Any, topic: str) -> int:
+    """The partition count of ``topic`` from ``client``'s metadata (any confluent
+    client); BrokerError, one line saying what to do, if the broker does not answer
+    or the topic does not exist."""
+    try:
+        metadata = client.list_topics(topic, timeout=10)
+    except KafkaException as exc:
+        raise BrokerError(
+            f"cannot read {topic}: {exc.args[0].str() if exc.args else exc}; "
+            "is the broker at KAFKA_BOOTSTRAP_SERVERS up?"
+        ) from None
+    info = metadata.topics.get(topic)
+    if info is None or info.error is not None:
+        raise BrokerError(f"topic {topic} does not exist; run `pipeline topics create`")
+    return len(info.partitions)
+
+
 def read_topic(
     settings: Settings,
     topic: str,
@@ -91,17 +108,8 @@ def read_topic(
     reader = consumer(settings)
     messages: list[Message] = []
     try:
-        try:
-            metadata = reader.list_topics(topic, timeout=10)
-        except KafkaException as exc:
-            raise BrokerError(
-                f"cannot read {topic}: {exc.args[0].str() if exc.args else exc}; "
-                "is the broker at KAFKA_BOOTSTRAP_SERVERS up?"
-            ) from None
-        info = metadata.topics.get(topic)
-        if info is None or info.error is not None:
-            raise BrokerError(f"topic {topic} does not exist; run `pipeline topics create`")
-        wanted = sorted(info.partitions) if partitions is None else list(partitions)
+        count = topic_partitions(reader, topic)
+        wanted = list(range(count)) if partitions is None else list(partitions)
         ends = high_watermarks(client_config(settings), [(topic, p) for p in wanted])
         pending = {p for p in wanted if ends[(topic, p)] > 0}
         reader.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in pending])

@@ -39,6 +39,7 @@ from confluent_kafka import (
 
 from pipeline.errors import BrokerError
 from pipeline.kafka.clients import broker_error, consumer
+from pipeline.kafka.offsets import topic_partitions
 from pipeline.settings import Settings
 
 TP = tuple[str, int]
@@ -153,17 +154,7 @@ class PartitionSeeker:
     def require(self, topic: str) -> int:
         """The partition count of ``topic``; BrokerError (one line, what to do) if the
         broker does not answer or the topic does not exist."""
-        try:
-            metadata = self._probe.list_topics(topic, timeout=10)
-        except KafkaException as exc:
-            raise BrokerError(
-                f"cannot read {topic}: {exc.args[0].str() if exc.args else exc}; "
-                "is the broker at KAFKA_BOOTSTRAP_SERVERS up?"
-            ) from None
-        info = metadata.topics.get(topic)
-        if info is None or info.error is not None:
-            raise BrokerError(f"topic {topic} does not exist; run `pipeline topics create`")
-        return len(info.partitions)
+        return topic_partitions(self._probe, topic)
 
     # -- reading ---------------------------------------------------------------------
     def scan(self, tp: TP, start: int, end: int | None = None) -> Iterator[Message]:
