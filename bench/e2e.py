@@ -247,9 +247,16 @@ def dead_letters(bench: Bench, run: Running) -> dict[str, Any]:
     return out
 
 
-def run_e2e(bench: Bench, kind: str, records: list[SimRecord], workers: int = 1) -> dict[str, Any]:
-    """One end-to-end run of ``kind`` (ours, quix, raw) on ``records``."""
-    run = start_ours(bench, workers) if kind == "ours" else start_peer(bench, kind)
+def run_e2e(
+    bench: Bench,
+    kind: str,
+    records: list[SimRecord],
+    workers: int = 1,
+    extra: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """One end-to-end run of ``kind`` (ours, quix, raw) on ``records``; ``extra``:
+    environment of our workers."""
+    run = start_ours(bench, workers, extra) if kind == "ours" else start_peer(bench, kind)
     children = list(run.children.values())
     rss = RssWatch({name: c.pid for name, c in run.children.items()})
     n = len(records)

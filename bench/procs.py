@@ -176,6 +176,25 @@ def cpu_of(pid: int | None) -> float:
     return value or 0.0
 
 
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds (user + system) of each thread of ``pid``, summed by thread name
+    (librdkafka names its threads ``rdk:main``, ``rdk:broker…``; Python's are all
+    ``python``)."""
+    out: dict[str, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            stat = (task / "stat").read_text()
+        except OSError:
+            continue  # the thread ended
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2 :].split()
+        seconds = (int(fields[11]) + int(fields[12])) / tick
+        key = "rdk:broker" if name.startswith("rdk:broke") else name
+        out[key] = out.get(key, 0.0) + seconds
+    return out
+
+
 @dataclass(frozen=True)
 class CpuSnapshot:
     at: float

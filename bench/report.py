@@ -43,6 +43,7 @@ SCALARS = (
     "seconds",
     "lost_records",
     "counted_twice",
+    "records_per_batch",
 )
 
 

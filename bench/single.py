@@ -40,6 +40,7 @@ from procs import (
     ready,
     scrape_text,
     stop_all,
+    thread_cpu,
     wait_until,
 )
 from profiling import Profiler
@@ -199,7 +200,12 @@ def consumed(workers: list[Worker], match: str = "") -> float:
 
 
 def run_stage_alone(
-    bench: Bench, stage: str, source: str, workers: int = 1, name: str | None = None
+    bench: Bench,
+    stage: str,
+    source: str,
+    workers: int = 1,
+    name: str | None = None,
+    extra: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """``pipeline run STAGE`` (``workers`` of them) on a prepared input, until the
     group's commits reach its end."""
@@ -215,13 +221,14 @@ def run_stage_alone(
     if total == 0:
         raise BenchError(f"stage {stage}: its input {list(spec.inputs)} is empty")
     group = settings.group_id(stage)
-    running = start_workers(bench, stage, config, tag, workers)
+    running = start_workers(bench, stage, config, tag, workers, extra)
     children = [w.child for w in running]
     try:
         t0 = wait_until(settled(bench, settings, running), 180, f"{name}'s workers", 0.05, children)
         c0 = consumed(running)
         meter = CpuMeter({w.child.name: w.child.pid for w in running}, bench.broker_pid)
         meter.start()
+        threads0 = thread_cpu(running[0].child.pid)
         profiler = bench.profiler(running[0].child.pid, name) if workers == 1 else None
         watch = CommitWatch(bench.bootstrap, group, input_ends)
         processed_at: list[float] = []
@@ -235,8 +242,13 @@ def run_stage_alone(
             finished, timeout_for(total, 1000.0), f"{name}'s commits to reach the end", 0.1
         )
         cpu = meter.stop()
+        threads1 = thread_cpu(running[0].child.pid)
         peak = max(peak_rss_mb(c.pid) or 0.0 for c in children)
         profile = profiler.stop() if profiler else None
+        batches = sum(
+            metric_sum(scrape_text(w.port), "pipeline_processing_duration_seconds_count") or 0.0
+            for w in running
+        )
     finally:
         stop_all(children)
     counted = total - c0
@@ -253,4 +265,12 @@ def run_stage_alone(
         "processed_records_per_s": rate(counted, processed_at[0] - t0) if processed_at else None,
         **cpu_figures(cpu, int(counted)),
         "peak_rss_mb": peak,
+        "records_per_batch": total / batches if batches else None,
+        # where one worker's CPU went, µs per record it counted, by thread name
+        "thread_cpu_us_per_record": {
+            name: round((threads1[name] - threads0.get(name, 0.0)) * workers / counted * 1e6, 2)
+            for name in threads1
+        }
+        if counted
+        else None,
     }
