@@ -181,6 +181,9 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=3600, help="give up after (s)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results directory")
     parser.add_argument(
+        "--keep-logs", action="store_true", help="keep the workers' logs (kept anyway on errors)"
+    )
+    parser.add_argument(
         "--profile", action="store_true", help="py-spy each one-process path (OUT/profile-*.txt)"
     )
     args = parser.parse_args()
@@ -318,7 +321,7 @@ def main() -> int:
     log(f"wrote {json_path} and {md_path} in {results['duration_s']:.0f}s")
     if results["errors"] and code == 0:
         code = 1
-    if code == 0:
+    if code == 0 and not args.keep_logs:
         shutil.rmtree(workdir, ignore_errors=True)
     else:
         log(f"worker and path logs kept in {workdir}")

@@ -211,6 +211,10 @@ class RunnerSettings(_Frozen):
     #: 100 halved the hops at 10 % of max rate and doubled the queues at 50 % (README
     #: "Latency between stages"). Kafka's default; Faust alone used 1500.
     fetch_max_wait_ms: int = Field(default=500, ge=1, le=30_000)
+    #: a stateless stage starts its next batch while the lineage hops of the last are
+    #: in flight, and acks (commits) that batch only once they land; false: each batch
+    #: waits for its hops (README "Latency between stages")
+    overlap_lineage: bool = True
     #: the longest a backfill-lane batch waits for live input to drain first
     backfill_max_defer_s: float = Field(default=5.0, ge=0)
     #: a batch that met an unreachable dependency (errors.Unavailable) runs again after

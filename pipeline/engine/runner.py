@@ -65,6 +65,9 @@ class BatchReport:
     produced: dict[str, int] = field(default_factory=dict)
     #: dead letters per reason
     dead_by_reason: dict[str, int] = field(default_factory=dict)
+    #: the batch's lineage hops, still in flight (``StageRunner.overlap_hops``): the
+    #: batch is delivered, and may be committed, only once this completes
+    hops_landing: asyncio.Future[Any] | None = None
 
     @property
     def durable(self) -> dict[tuple[str, int], int]:
@@ -124,6 +127,10 @@ class StageRunner:
         self.dlq_max_bytes = min(dlq_max_bytes, self._limit(spec.dlq))
         #: a sink: run the stage in a thread (it may block on I/O)
         self.blocking = bool(getattr(engine, "blocking", False))
+        #: return once the outputs are acknowledged and leave the lineage hops in
+        #: flight (``BatchReport.hops_landing``), so the next batch does not wait for
+        #: them; only for batches with no state writes. Set by the runtime.
+        self.overlap_hops = False
 
     # -- routing -------------------------------------------------------------------------
     def _targets(self, topic: str | None, lane_batch: bool) -> tuple[str, ...]:
@@ -264,6 +271,10 @@ class StageRunner:
                     self.lineage_partitions,
                 )
         writes = self._state_writes(partition, result)
+        if hops and not writes and self.overlap_hops:
+            report = self._report(records, result, retries, topics)
+            report.hops_landing = asyncio.ensure_future(self.producer.send_batch((), hops))
+            return report
         await self.producer.send_batch((), [*hops, *writes] if hops else writes)
         if self.on_state is not None and result.writes:
             self.on_state(partition, result.writes)

@@ -209,6 +209,18 @@ class StageBinding:
                 drop=self.engine.drop,
                 commit_on_release=self.engine.buffers,
             )
+        # a stateless stage does not wait for its lineage hops before the next batch:
+        # the batch is acked (and so committed) only once they land (settle)
+        self.runner.overlap_hops = (
+            runner.overlap_lineage and self.held is None and self.table is None
+        )
+        #: hops in flight per input partition: (last offset of the batch, landing); the
+        #: retry agent runs one fetched batch as several (the records that are due)
+        self._landing: dict[tuple[str, int], list[tuple[int, asyncio.Future[Any]]]] = {}
+        self._acking: set[asyncio.Task[None]] = set()
+        #: what the worker does when hops in flight are not acknowledged (app.py: exit
+        #: without commit, as for any batch not delivered)
+        self.on_fatal: Callable[[str], None] | None = None
 
     @property
     def stateful(self) -> bool:
@@ -230,10 +242,42 @@ class StageBinding:
     async def settle(self, event: Any) -> None:
         """The batch of ``event`` went through: ack it, or hold it until a sink has
         made it durable."""
-        if self.held is None:
-            event.ack()
-        else:
+        if self.held is not None:
             await self.held.hold(event)
+            return
+        message = event.message
+        key = (message.topic, message.partition)
+        flying = self._landing.get(key)
+        landing = []
+        if flying:
+            landing = [f for offset, f in flying if offset <= message.offset]
+            flying[:] = [(o, f) for o, f in flying if o > message.offset]
+            if not flying:
+                del self._landing[key]
+        if all(f.done() and f.exception() is None for f in landing):
+            event.ack()
+            return
+        task = asyncio.ensure_future(self._ack_when_landed(landing, event))
+        self._acking.add(task)
+        task.add_done_callback(self._acking.discard)
+
+    async def _ack_when_landed(self, landing: list[asyncio.Future[Any]], event: Any) -> None:
+        """Ack a batch once its lineage hops are acknowledged; if they are not, the
+        worker exits without committing it (the batch is fetched and run again)."""
+        try:
+            for future in landing:
+                await future
+        except Exception as exc:
+            message = event.message
+            what = (
+                f"lineage hops of {message.topic}[{message.partition}] through offset "
+                f"{message.offset} not acknowledged: {exc}"
+            )
+            if self.on_fatal is None:
+                raise
+            self.on_fatal(what)
+            return
+        event.ack()
 
     async def flush(self) -> None:
         """A sink's timer: let it flush what is due, then ack what became durable."""
@@ -345,6 +389,11 @@ class StageBinding:
         self._account(report, time.perf_counter() - started)
         if self.failures.known and records:
             await self._passed(records[0].topic, partition, records[0].offset, records[-1].offset)
+        if report.hops_landing is not None and records:
+            # settle(event) acks the batch once they land
+            self._landing.setdefault((records[0].topic, partition), []).append(
+                (records[-1].offset, report.hops_landing)
+            )
 
     def _where(self) -> str | None:
         """The batch being processed, for a log line."""
