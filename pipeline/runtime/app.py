@@ -86,8 +86,7 @@ def build_app(settings: Settings, stage_id: str) -> tuple[StageApp, StageBinding
     app.batch_topics = frozenset(spec.inputs)
     app.fetch_max_wait_ms = runner.fetch_max_wait_ms
     app.kafka_client_config = client_config(settings)
-    binding = StageBinding(stage_id, settings, app)
-    binding.on_fatal = lambda what: _crash(app, stage_id, what)
+    binding = StageBinding(stage_id, settings, app, lambda what: _crash(app, stage_id, what))
     app.run_events = StageLineage(settings, stage_id)
     topic = app.topic(*spec.inputs, key_serializer="raw", value_serializer="raw")
 

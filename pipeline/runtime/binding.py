@@ -127,7 +127,15 @@ def _spans(stage_id: str) -> Callable[[Sequence[Record], Any, int], None] | None
 class StageBinding:
     """What one stage worker does with a partition batch, on Kafka."""
 
-    def __init__(self, stage_id: str, settings: Settings, app: StageApp) -> None:
+    def __init__(
+        self,
+        stage_id: str,
+        settings: Settings,
+        app: StageApp,
+        on_fatal: Callable[[str], None],
+    ) -> None:
+        """``on_fatal(what)``: the worker exits without committing (app.py), when the
+        lineage hops of a batch in flight are not acknowledged."""
         self.stage_id = stage_id
         self.settings = settings
         self.spec = spec = settings.stage(stage_id)
@@ -218,9 +226,7 @@ class StageBinding:
         #: retry agent runs one fetched batch as several (the records that are due)
         self._landing: dict[tuple[str, int], list[tuple[int, asyncio.Future[Any]]]] = {}
         self._acking: set[asyncio.Task[None]] = set()
-        #: what the worker does when hops in flight are not acknowledged (app.py: exit
-        #: without commit, as for any batch not delivered)
-        self.on_fatal: Callable[[str], None] | None = None
+        self.on_fatal = on_fatal
 
     @property
     def stateful(self) -> bool:
@@ -273,8 +279,6 @@ class StageBinding:
                 f"lineage hops of {message.topic}[{message.partition}] through offset "
                 f"{message.offset} not acknowledged: {exc}"
             )
-            if self.on_fatal is None:
-                raise
             self.on_fatal(what)
             return
         event.ack()
