@@ -24,6 +24,7 @@ from pipeline.demo.simulator import SimRecord, generate
 from pipeline.engine.build import build_engine, load_stage
 from pipeline.kafka.clients import admin, client_config, producer
 from pipeline.kafka.offsets import committed_offsets, high_watermarks
+from pipeline.kafka.produce import produce_or_wait
 from pipeline.kafka.topics import check_topics, create_topics
 from pipeline.ops.rewind import group_state
 from pipeline.records import Record
@@ -119,12 +120,7 @@ def produce_all(settings: Settings, topic: str, items: Iterable[Outgoing]) -> in
             kwargs["headers"] = headers
         if ts:
             kwargs["timestamp"] = ts
-        while True:
-            try:
-                client.produce(topic, value, key, **kwargs)
-                break
-            except BufferError:
-                client.poll(0.05)
+        produce_or_wait(client, topic, value, key, **kwargs)
         n += 1
         if n % 1000 == 0:
             client.poll(0)

@@ -29,7 +29,6 @@ and the mean batch size: the rest of a hop is waiting (for a fetch, in a queue).
 from __future__ import annotations
 
 import hashlib
-import random
 import threading
 import time
 from typing import Any
@@ -37,11 +36,12 @@ from typing import Any
 import orjson
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 from confluent_kafka.admin import AdminClient
+from live import paced_readings
 from procs import BenchError, CpuMeter, log, metric_sum, percentile, scrape_text, wait_until
 
 from pipeline.contract import lineage_id
-from pipeline.demo.simulator import metric_of
 from pipeline.kafka.offsets import committed_offsets, high_watermarks
+from pipeline.kafka.produce import produce_or_wait
 
 HOPS = ("ingest", "parse", "enrich", "aggregate", "commit")
 #: the ingest hop split, for one reading in ten: produced → acknowledged by the broker,
@@ -169,45 +169,17 @@ def produce_at_rate(
 
         return report
 
-    rng = random.Random(11)
-    devices = 100
-    names = [f"dev-{i:04d}" for i in range(1, devices + 1)]
-    seqs = [int(time.time() * 1000)] * devices  # fresh per level: no repeats across levels
-    shapes = [metric_of(name) for name in names]
-    start = time.monotonic()
     sent = 0
-    while True:
-        elapsed = time.monotonic() - start
-        if elapsed >= seconds:
-            break
-        due = int(per_s * elapsed)
-        while sent < due:
-            i = sent % devices
-            metric, unit, mean, spread = shapes[i]
-            doc = {
-                "device_id": names[i],
-                "ts": int(time.time() * 1000),
-                "seq": seqs[i],
-                "metric": metric,
-                "value": round(rng.gauss(mean, spread / 3), 3),
-                "unit": unit,
-            }
-            seqs[i] += 1
-            payload = orjson.dumps(doc)
-            extra: dict[str, Any] = {}
-            if landed is not None and sent % 10 == 0:
-                digest = hashlib.blake2b(payload, digest_size=16).digest()
-                lid = lineage_id(doc["ts"], names[i], str(doc["seq"]), digest)
-                extra["on_delivery"] = on_delivery(lid)
-            while True:
-                try:
-                    client.produce(topic, payload, names[i].encode(), **extra)
-                    break
-                except BufferError:
-                    client.poll(0.01)
-            sent += 1
-        client.poll(0)
-        time.sleep(0.002)
+    seq_base = int(time.time() * 1000)  # fresh per level: no repeats across levels
+    for name, doc in paced_readings(per_s, seconds, seq_base, lambda: client.poll(0)):
+        payload = orjson.dumps(doc)
+        extra: dict[str, Any] = {}
+        if landed is not None and sent % 10 == 0:
+            digest = hashlib.blake2b(payload, digest_size=16).digest()
+            lid = lineage_id(doc["ts"], name, str(doc["seq"]), digest)
+            extra["on_delivery"] = on_delivery(lid)
+        produce_or_wait(client, topic, payload, name.encode(), wait_s=0.01, **extra)
+        sent += 1
     if client.flush(60):
         raise BenchError("latency run: readings not acknowledged within 60 s")
     return sent

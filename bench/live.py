@@ -12,6 +12,8 @@ import os
 import random
 import threading
 import time
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import orjson
 from confluent_kafka import Consumer, KafkaError, TopicPartition
@@ -20,6 +22,7 @@ from procs import BenchError, log
 
 from pipeline.demo.simulator import metric_of
 from pipeline.kafka.clients import client_config, producer
+from pipeline.kafka.produce import produce_or_wait
 from pipeline.settings import Settings
 
 
@@ -75,14 +78,19 @@ class LatencyReader:
         self.consumer.close()
 
 
-def produce_at_rate(
-    settings: Settings, topic: str, per_s: float, seconds: float, seq_base: int
-) -> int:
-    """Live readings (``ts`` = now when produced) at ``per_s`` for ``seconds``."""
-    client = producer(settings)
+def paced_readings(
+    per_s: float,
+    seconds: float,
+    seq_base: int,
+    between: Callable[[], None],
+    devices: int = DEVICES,
+) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Live readings (``ts`` = now when made) at ``per_s`` for ``seconds``, as
+    (device name, reading), each when it is due; ``between()`` runs after each burst,
+    before a 2 ms sleep (a producer's poll)."""
     rng = random.Random(11)
-    seqs = [seq_base] * DEVICES
-    names = [f"dev-{i:04d}" for i in range(1, DEVICES + 1)]
+    seqs = [seq_base] * devices
+    names = [f"dev-{i:04d}" for i in range(1, devices + 1)]
     shapes = [metric_of(name) for name in names]
     start = time.monotonic()
     sent = 0
@@ -92,7 +100,7 @@ def produce_at_rate(
             break
         due = int(per_s * elapsed)
         while sent < due:
-            i = sent % DEVICES
+            i = sent % devices
             metric, unit, mean, spread = shapes[i]
             doc = {
                 "device_id": names[i],
@@ -103,15 +111,21 @@ def produce_at_rate(
                 "unit": unit,
             }
             seqs[i] += 1
-            while True:
-                try:
-                    client.produce(topic, orjson.dumps(doc), names[i].encode())
-                    break
-                except BufferError:
-                    client.poll(0.01)
+            yield names[i], doc
             sent += 1
-        client.poll(0)
+        between()
         time.sleep(0.002)
+
+
+def produce_at_rate(
+    settings: Settings, topic: str, per_s: float, seconds: float, seq_base: int
+) -> int:
+    """Live readings (``ts`` = now when produced) at ``per_s`` for ``seconds``."""
+    client = producer(settings)
+    sent = 0
+    for name, doc in paced_readings(per_s, seconds, seq_base, lambda: client.poll(0)):
+        produce_or_wait(client, topic, orjson.dumps(doc), name.encode(), wait_s=0.01)
+        sent += 1
     if client.flush(60):
         raise BenchError("live readings not acknowledged within 60 s")
     return sent

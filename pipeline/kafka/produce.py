@@ -27,6 +27,25 @@ from pipeline.errors import BrokerError, DeliveryError, RecordsRefused
 from pipeline.records import Deliveries, Outgoing, Partitioned
 
 
+def produce_or_wait(
+    client: Producer,
+    topic: str,
+    value: bytes | None,
+    key: bytes | None,
+    *,
+    wait_s: float = 0.05,
+    **kwargs: Any,
+) -> None:
+    """``client.produce``; while the client's queue is full (BufferError), serve
+    delivery reports for up to ``wait_s`` and try again."""
+    while True:
+        try:
+            client.produce(topic, value, key, **kwargs)
+            return
+        except BufferError:
+            client.poll(wait_s)
+
+
 def produce_acked(
     client: Producer,
     records: Sequence[Outgoing],
@@ -65,14 +84,10 @@ def produce_acked(
             kwargs["timestamp"] = ts
         if partitions is not None:
             kwargs["partition"] = partitions[i]
-        while True:
-            try:
-                client.produce(topic, value, key, **kwargs)
-                break
-            except BufferError:
-                client.poll(0.05)
-            except KafkaException as exc:
-                raise BrokerError(f"cannot {what}: {exc}; {hint}") from None
+        try:
+            produce_or_wait(client, topic, value, key, **kwargs)
+        except KafkaException as exc:
+            raise BrokerError(f"cannot {what}: {exc}; {hint}") from None
         if pace is not None and (i + 1) % pace_every == 0:
             client.poll(0)
             pace(pace_every)
