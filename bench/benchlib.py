@@ -15,6 +15,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -71,6 +72,20 @@ def emit(event: str, **fields: Any) -> None:
     line = json.dumps({"event": event, "t": time.time(), **fields})
     sys.stdout.write(line + "\n")
     sys.stdout.flush()
+
+
+def path_main(path: Callable[[Any], None], args: Any) -> None:
+    """A path script's main: run ``path(args)``; on an exception emit an ``error``
+    event for the driver first; then exit at once (no interpreter teardown: a
+    client's threads would hold it up)."""
+    started = time.time()
+    try:
+        path(args)
+    except Exception as exc:
+        emit("error", error=f"{type(exc).__name__}: {exc}", after_s=time.time() - started)
+        raise
+    sys.stdout.flush()
+    os._exit(0)
 
 
 def process_cpu_s(pid: int | None = None) -> float | None:

@@ -19,12 +19,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
-import time
 from typing import Any
 
-from benchlib import emit, peak_rss_mb, process_cpu_s, transform
+from benchlib import emit, path_main, peak_rss_mb, process_cpu_s, transform
 
 BATCH = 2000
 
@@ -186,14 +184,7 @@ def main() -> None:
     parser.add_argument("--group", required=True)
     parser.add_argument("--records", type=int, required=True)
     args = parser.parse_args()
-    started = time.time()
-    try:
-        {"raw": run_raw, "quix": run_quix, "naive": run_naive}[args.path](args)
-    except Exception as exc:
-        emit("error", error=f"{type(exc).__name__}: {exc}", after_s=time.time() - started)
-        raise
-    sys.stdout.flush()
-    os._exit(0)
+    path_main({"raw": run_raw, "quix": run_quix, "naive": run_naive}[args.path], args)
 
 
 if __name__ == "__main__":

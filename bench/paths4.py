@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from collections import OrderedDict
@@ -40,7 +39,7 @@ from collections.abc import Callable
 from typing import Any
 
 import orjson
-from benchlib import emit, enrich_reading, parse_reading, parse_validator
+from benchlib import emit, enrich_reading, parse_reading, parse_validator, path_main
 
 from pipeline import contract
 
@@ -365,14 +364,7 @@ def main() -> None:
     parser.add_argument("--window-s", type=int, default=10)
     parser.add_argument("--grace-s", type=int, default=2)
     args = parser.parse_args()
-    started = time.time()
-    try:
-        {"quix": run_quix, "raw": run_raw}[args.path](args)
-    except Exception as exc:
-        emit("error", error=f"{type(exc).__name__}: {exc}", after_s=time.time() - started)
-        raise
-    sys.stdout.flush()
-    os._exit(0)
+    path_main({"quix": run_quix, "raw": run_raw}[args.path], args)
 
 
 if __name__ == "__main__":
