@@ -178,6 +178,26 @@ def lake_windows(path: Path) -> dict[tuple[str, str, int], dict[str, Any]]:
     return out
 
 
+def assert_sinks_hold(
+    pipe: Pipeline,
+    pg: PostgresServer,
+    table: str,
+    lake: Path,
+    want: dict[tuple[str, str, int], dict[str, Any]],
+    timeout: float,
+) -> None:
+    """Wait until the table and the lake hold as many windows as ``want`` (every
+    worker alive meanwhile), then both must equal it."""
+
+    def landed() -> bool:
+        pipe.check_alive()
+        return len(table_rows(pg, table)) == len(want) and len(lake_rows(lake)) == len(want)
+
+    wait_for(landed, timeout, f"{len(want)} windows in the table and the lake", pipe.logs)
+    assert_equal_windows(table_rows(pg, table), want)
+    assert_equal_windows(lake_windows(lake), want)
+
+
 def cli(
     config: Path, bootstrap: str, *args: str, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
@@ -211,13 +231,7 @@ def test_windows_land_in_the_table_and_the_lake_exactly_once(broker, pg, tmp_pat
             pipe.start(stage, env=env)
         produce_enriched(settings, docs)
 
-        def landed() -> bool:
-            pipe.check_alive()
-            return len(table_rows(pg, table)) == len(want) and len(lake_rows(lake)) == len(want)
-
-        wait_for(landed, 150, f"{len(want)} windows in the table and the lake", pipe.logs)
-        assert_equal_windows(table_rows(pg, table), want)
-        assert_equal_windows(lake_windows(lake), want)
+        assert_sinks_hold(pipe, pg, table, lake, want, 150)
         assert {r["version"] for r in table_rows(pg, table).values()} == {1}
         assert read_topic(settings, settings.stages["store"].dlq) == []
         assert read_topic(settings, settings.stages["lake"].dlq) == []
@@ -306,13 +320,7 @@ def test_sinks_survive_kills_a_database_restart_and_rewinds(broker, pg, tmp_path
         pg.start()
         feeder.join(120)
 
-        def landed() -> bool:
-            pipe.check_alive()
-            return len(table_rows(pg, table)) == len(want) and len(lake_rows(lake)) == len(want)
-
-        wait_for(landed, 180, f"{len(want)} windows in the table and the lake", pipe.logs)
-        assert_equal_windows(table_rows(pg, table), want)
-        assert_equal_windows(lake_windows(lake), want)
+        assert_sinks_hold(pipe, pg, table, lake, want, 180)
         assert store.get("/readyz")[0] == 200
         assert read_topic(settings, settings.stages["store"].dlq) == []
         assert read_topic(settings, settings.stages["lake"].dlq) == []
@@ -411,13 +419,7 @@ def test_sinks_scale_out_while_they_hold_batches(broker, pg, tmp_path):
         wait_for(lambda: split(first_store, second_store), 90, "the store split", pipe.logs)
         pg.start()
 
-        def landed() -> bool:
-            pipe.check_alive()
-            return len(table_rows(pg, table)) == len(want) and len(lake_rows(lake)) == len(want)
-
-        wait_for(landed, 150, f"{len(want)} windows in the table and the lake", pipe.logs)
-        assert_equal_windows(table_rows(pg, table), want)
-        assert_equal_windows(lake_windows(lake), want)
+        assert_sinks_hold(pipe, pg, table, lake, want, 150)
         for worker in (first_store, second_store, first_lake, second_lake):
             assert worker.alive()
     finally:
