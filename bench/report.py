@@ -32,6 +32,8 @@ LABELS = {
     "e2e_ours": "**ours, four stages**",
     "e2e_ours_x2": "ours, four stages, 2 workers each",
     "e2e_ours_x4": "ours, four stages, 4 workers each",
+    "parse_inflight1": "ours: parse alone, batches_in_flight 1",
+    "e2e_ours_inflight1": "ours, four stages, batches_in_flight 1",
 }
 SCALARS = (
     "records_per_s",

@@ -66,6 +66,10 @@ SCALING_ONE = ("parse_x2", "parse_x4")
 FOUR_STAGES = ("e2e_raw", "e2e_quix", "e2e_ours")
 SCALING_FOUR = ("e2e_ours_x2", "e2e_ours_x4")
 ALL = (*ONE_STAGE, *SCALING_ONE, *FOUR_STAGES, *SCALING_FOUR, "latency")
+#: twins run only when named in ``--only``: our paths with each batch's outputs
+#: acknowledged before the next batch starts (``runner.batches_in_flight: 1``)
+TWINS = ("parse_inflight1", "e2e_ours_inflight1")
+INFLIGHT1_ENV = {"PIPELINE_RUNNER__BATCHES_IN_FLIGHT": "1"}
 #: the latency run's ``--latency-fetch100`` variant: a shorter Fetch wait (the default is 500)
 FETCH100_ENV = {"PIPELINE_RUNNER__FETCH_MAX_WAIT_MS": "100"}
 
@@ -151,6 +155,10 @@ def plan(args: argparse.Namespace) -> list[tuple[str, Callable[[], dict[str, Any
         "e2e_ours": lambda: run_e2e(bench, "ours", e2e),
         "e2e_ours_x2": lambda: run_e2e(bench, "ours", e2e, workers=2),
         "e2e_ours_x4": lambda: run_e2e(bench, "ours", e2e, workers=4),
+        "parse_inflight1": lambda: run_stage_alone(
+            bench, "parse", prep.inputs["parse"], 1, "parse_inflight1", INFLIGHT1_ENV
+        ),
+        "e2e_ours_inflight1": lambda: run_e2e(bench, "ours", e2e, extra=INFLIGHT1_ENV),
     }
     return [(key, fn) for key, fn in steps.items() if key in args.only]
 
@@ -196,7 +204,7 @@ def main() -> int:
     args.latency_s = args.latency_s or (8.0 if quick else 30.0)
     only = [p.strip() for p in args.only.split(",") if p.strip()]
     skip = {p.strip() for p in args.skip.split(",") if p.strip()}
-    unknown = sorted((set(only) | skip) - set(ALL))
+    unknown = sorted((set(only) | skip) - set(ALL) - set(TWINS))
     if unknown:
         parser.error(f"unknown path(s) {unknown}; choose from {','.join(ALL)}")
     args.only = [p for p in only if p not in skip]

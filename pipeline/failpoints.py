@@ -7,12 +7,20 @@ that never returns would. Unset — the
 default and the only sane production value — every point is a no-op costing
 one comparison.
 
+A point whose name ends in ``-fail`` is awaited (:func:`reached`): armed as
+``<name>[:<n>][@<seconds>]``, it waits that long (default 0) without blocking the
+worker, then raises :class:`FailpointError` where the call it stands for would
+have failed.
+
 Points: ``dlq-delivered`` (dead letters acknowledged by the broker, batch not yet
-acked, so its offsets are not committed); ``batch-stall`` (processing a batch).
+acked, so its offsets are not committed); ``batch-stall`` (processing a batch);
+``landing-fail`` (a batch in flight had its outputs acknowledged; its lineage hops
+are refused, as a broker gone down would).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
@@ -20,14 +28,21 @@ import time
 
 _name = ""
 _remaining = 0
+_delay_s = 0.0
+
+
+class FailpointError(RuntimeError):
+    """Raised by an armed ``-fail`` point."""
 
 
 def arm(spec: str | None) -> None:
-    """Arm the point ``spec`` (``<name>[:<n>]``, from ``Settings.failpoint``); None disarms.
-    Called once by the worker's composition root, never at import."""
-    global _name, _remaining
-    name, _, count = (spec or "").partition(":")
+    """Arm the point ``spec`` (``<name>[:<n>][@<seconds>]``, from ``Settings.failpoint``);
+    None disarms. Called once by the worker's composition root, never at import."""
+    global _name, _remaining, _delay_s
+    spec, _, delay = (spec or "").partition("@")
+    name, _, count = spec.partition(":")
     _name, _remaining = name, (int(count or 1) if name else 0)
+    _delay_s = float(delay or 0)
 
 
 def hit(name: str) -> None:
@@ -42,3 +57,17 @@ def hit(name: str) -> None:
         logging.getLogger("pipeline.failpoints").warning("failpoint %s: SIGKILL", name)
         logging.shutdown()
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+async def reached(name: str) -> None:
+    """An awaitable point (name ending in ``-fail``): raise FailpointError when armed
+    and due, after the armed delay."""
+    global _remaining
+    if not _remaining or name != _name:
+        return
+    _remaining -= 1
+    if _remaining == 0:
+        log = logging.getLogger("pipeline.failpoints")
+        log.warning("failpoint %s: failing in %gs", name, _delay_s)
+        await asyncio.sleep(_delay_s)
+        raise FailpointError(f"failpoint {name}")

@@ -215,6 +215,12 @@ class RunnerSettings(_Frozen):
     #: in flight, and acks (commits) that batch only once they land; false: each batch
     #: waits for its hops (README "Latency between stages")
     overlap_lineage: bool = True
+    #: how many batches of a stateless stage may await the broker's acknowledgement
+    #: of their outputs at once: above 1, the next batch runs while the last one's
+    #: outputs and hops are in flight, and each batch is acked (committed) only once
+    #: everything of it and before it landed; 1: each batch's outputs are acknowledged
+    #: before the next batch starts (README "Latency between stages")
+    batches_in_flight: int = Field(default=4, ge=1, le=64)
     #: the longest a backfill-lane batch waits for live input to drain first
     backfill_max_defer_s: float = Field(default=5.0, ge=0)
     #: a batch that met an unreachable dependency (errors.Unavailable) runs again after
@@ -347,7 +353,8 @@ class Settings(BaseSettings):
     metrics_host: str = "127.0.0.1"
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
     log_level: str = "info"
-    #: crash point for tests (pipeline.failpoints): ``<name>[:<n>]``; unset in production
+    #: crash point for tests (pipeline.failpoints): ``<name>[:<n>][@<seconds>]``; unset
+    #: in production
     failpoint: str | None = None
 
     #: directories (relative to the config file) searched first for ``uses:`` modules

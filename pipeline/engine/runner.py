@@ -29,7 +29,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import Any, Protocol
@@ -45,13 +46,24 @@ from pipeline.records import Deliveries, Outgoing, OutRecord, Partitioned, Recor
 from pipeline.settings import StageSpec
 
 
+class Sending(Protocol):
+    """A batch handed to the producer, awaiting the broker's acknowledgement."""
+
+    async def acknowledged(self) -> Deliveries: ...
+
+
 class Producer(Protocol):
     """What the runner needs of a producer: a batch in, every acknowledgement out, in
-    order; :class:`~pipeline.errors.DeliveryError` if any record was refused."""
+    order; :class:`~pipeline.errors.DeliveryError` if any record was refused.
+    ``submit`` hands a batch over in order and returns before the acknowledgement."""
 
     async def send_batch(
         self, records: Sequence[Outgoing], partitioned: Sequence[Partitioned] = ()
     ) -> Deliveries: ...
+
+    async def submit(
+        self, records: Sequence[Outgoing], partitioned: Sequence[Partitioned] = ()
+    ) -> Sending: ...
 
 
 @dataclass
@@ -65,9 +77,11 @@ class BatchReport:
     produced: dict[str, int] = field(default_factory=dict)
     #: dead letters per reason
     dead_by_reason: dict[str, int] = field(default_factory=dict)
-    #: the batch's lineage hops, still in flight (``StageRunner.overlap_hops``): the
-    #: batch is delivered, and may be committed, only once this completes
-    hops_landing: asyncio.Future[Any] | None = None
+    #: what of the batch is still in flight (its lineage hops, ``StageRunner.overlap_hops``;
+    #: or its outputs and hops, ``StageRunner.in_flight``): the batch is delivered, and
+    #: may be committed, only once this completes. Its result is the batch's final
+    #: report (records the broker refused for good became dead letters meanwhile).
+    landing: asyncio.Future[BatchReport] | None = None
 
     @property
     def durable(self) -> dict[tuple[str, int], int]:
@@ -128,9 +142,17 @@ class StageRunner:
         #: a sink: run the stage in a thread (it may block on I/O)
         self.blocking = bool(getattr(engine, "blocking", False))
         #: return once the outputs are acknowledged and leave the lineage hops in
-        #: flight (``BatchReport.hops_landing``), so the next batch does not wait for
+        #: flight (``BatchReport.landing``), so the next batch does not wait for
         #: them; only for batches with no state writes. Set by the runtime.
         self.overlap_hops = False
+        #: how many batches may wait for the broker's acknowledgement at once. Above 1,
+        #: a batch with no state writes returns once its outputs are handed to the
+        #: producer (in order): their acknowledgement and the lineage hops after it
+        #: land in ``BatchReport.landing`` while the next batch runs. Set by the runtime.
+        self.in_flight = 1
+        self._flying: deque[asyncio.Future[BatchReport]] = deque()
+        #: awaited where a landing has its outputs acknowledged (a test's failpoint)
+        self.landing_failpoint: Callable[[str], Awaitable[None]] | None = None
 
     # -- routing -------------------------------------------------------------------------
     def _targets(self, topic: str | None, lane_batch: bool) -> tuple[str, ...]:
@@ -238,12 +260,74 @@ class StageRunner:
         else:
             self.budget.check_clean(len(records))
         batch, topics = self._outgoing(result, retries, lane_batch)
+        if self.in_flight > 1 and not result.writes and not self.blocking:
+            await self._room()
+            sending = await self.producer.submit(batch)
+            report = self._report(records, result, retries, topics)
+            landing = asyncio.ensure_future(
+                self._land(sending, partition, records, result, retries, topics, lane_batch)
+            )
+            self._flying.append(landing)
+            report.landing = landing
+            return report
         try:
             delivered = await self.producer.send_batch(batch)
         except RecordsRefused as exc:
             retries, batch, topics, delivered = await self._after_refusal(
                 exc, records, result, retries, lane_batch
             )
+        return await self._after_outputs(
+            partition, records, result, retries, delivered, topics, self.overlap_hops
+        )
+
+    async def _room(self) -> None:
+        """Wait until fewer than ``in_flight`` batches await their acknowledgement."""
+        flying = self._flying
+        while flying and flying[0].done():
+            flying.popleft()
+        while len(flying) >= self.in_flight:
+            await asyncio.wait([flying[0]])
+            flying.popleft()
+            while flying and flying[0].done():
+                flying.popleft()
+
+    async def _land(
+        self,
+        sending: Sending,
+        partition: int,
+        records: Sequence[Record],
+        result: BatchResult,
+        retries: list[Outgoing],
+        topics: list[str],
+        lane_batch: bool,
+    ) -> BatchReport:
+        """A submitted batch's second half: its outputs acknowledged (refused ones made
+        dead letters), then its lineage hops; returns the batch's final report."""
+        try:
+            delivered = await sending.acknowledged()
+        except RecordsRefused as exc:
+            retries, _, topics, delivered = await self._after_refusal(
+                exc, records, result, retries, lane_batch
+            )
+        if self.landing_failpoint is not None:
+            await self.landing_failpoint("landing-fail")
+        return await self._after_outputs(
+            partition, records, result, retries, delivered, topics, False
+        )
+
+    async def _after_outputs(
+        self,
+        partition: int,
+        records: Sequence[Record],
+        result: BatchResult,
+        retries: list[Outgoing],
+        delivered: Deliveries,
+        topics: list[str],
+        overlap_hops: bool,
+    ) -> BatchReport:
+        """The outputs are acknowledged: the lineage hops and state writes, then the
+        state applied; with ``overlap_hops`` (and no state writes) the hops are left in
+        flight as the report's landing."""
         if result.dead:
             self.failpoint("dlq-delivered")
         hops: list[Partitioned] = []
@@ -271,14 +355,20 @@ class StageRunner:
                     self.lineage_partitions,
                 )
         writes = self._state_writes(partition, result)
-        if hops and not writes and self.overlap_hops:
-            report = self._report(records, result, retries, topics)
-            report.hops_landing = asyncio.ensure_future(self.producer.send_batch((), hops))
+        report = self._report(records, result, retries, topics)
+        if hops and not writes and overlap_hops:
+            report.landing = asyncio.ensure_future(self._hops_land(hops, report))
             return report
         await self.producer.send_batch((), [*hops, *writes] if hops else writes)
         if self.on_state is not None and result.writes:
             self.on_state(partition, result.writes)
-        return self._report(records, result, retries, topics)
+        return report
+
+    async def _hops_land(self, hops: list[Partitioned], report: BatchReport) -> BatchReport:
+        if self.landing_failpoint is not None:
+            await self.landing_failpoint("landing-fail")
+        await self.producer.send_batch((), hops)
+        return report
 
     async def _after_refusal(
         self,

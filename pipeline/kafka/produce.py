@@ -182,8 +182,17 @@ class AsyncProducer:
         """Produce ``(topic, key, value, headers, timestamp_ms)`` records, then
         ``partitioned`` ones, and await them all; the acknowledgements come back in
         that order."""
+        return await (await self.submit(records, partitioned)).acknowledged()
+
+    async def submit(
+        self, records: Sequence[Outgoing], partitioned: Sequence[Partitioned] = ()
+    ) -> Sending:
+        """Hand the batch to the client, in order, and return without waiting for the
+        broker: :meth:`Sending.acknowledged` awaits that. Batches submitted one after
+        the other are written in that order (an idempotent producer keeps order per
+        partition). Waits only while the client's queue is full."""
         if not records and not partitioned:
-            return Deliveries(records, [], [])
+            return Sending(None, records, partitioned)
         pending = _Pending(asyncio.get_running_loop(), len(records) + len(partitioned))
         on_delivery = pending.on_delivery
         produce = self._producer.produce
@@ -229,6 +238,40 @@ class AsyncProducer:
                 except KafkaException as exc:
                     raise DeliveryError(f"cannot produce to {topic}: {exc}") from exc
             index += 1
+        return Sending(pending, records, partitioned)
+
+    def flush(self, timeout: float = 30.0) -> int:
+        return int(self._producer.flush(timeout))
+
+    def close(self, timeout: float = 30.0) -> None:
+        self.flush(timeout)
+        self._stop.set()
+        self._poller.join(timeout=2)
+
+
+class Sending:
+    """A batch handed to the client (:meth:`AsyncProducer.submit`), not yet known to
+    be acknowledged."""
+
+    __slots__ = ("_partitioned", "_pending", "_records")
+
+    def __init__(
+        self,
+        pending: _Pending | None,
+        records: Sequence[Outgoing],
+        partitioned: Sequence[Partitioned],
+    ) -> None:
+        self._pending = pending
+        self._records = records
+        self._partitioned = partitioned
+
+    async def acknowledged(self) -> Deliveries:
+        """Every record's acknowledgement, in the order produced. Raises
+        :class:`DeliveryError` if any failed (transient: broker down, timeouts) or
+        :class:`RecordsRefused` if every failure was a record refused for good."""
+        pending, records, partitioned = self._pending, self._records, self._partitioned
+        if pending is None:
+            return Deliveries(records, [], [])
         await pending.future
         produced: Sequence[Outgoing | Partitioned] = records
         if partitioned:
@@ -243,14 +286,6 @@ class AsyncProducer:
                 raise RecordsRefused(message, refused, deliveries)
             raise DeliveryError(message)
         return deliveries
-
-    def flush(self, timeout: float = 30.0) -> int:
-        return int(self._producer.flush(timeout))
-
-    def close(self, timeout: float = 30.0) -> None:
-        self.flush(timeout)
-        self._stop.set()
-        self._poller.join(timeout=2)
 
 
 def _resolve(fut: asyncio.Future[None]) -> None:

@@ -16,6 +16,7 @@ import gc
 import logging
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import faust
@@ -27,7 +28,7 @@ from pipeline.engine.runner import BatchReport, StageRunner
 from pipeline.errors import BudgetExceeded, StageStopped, Unavailable
 from pipeline.kafka.clients import client_config, producer
 from pipeline.kafka.offsets import high_watermarks
-from pipeline.kafka.produce import AsyncProducer
+from pipeline.kafka.produce import AsyncProducer, Sending
 from pipeline.obs import metrics, tracing
 from pipeline.obs.failures import FailureLog
 from pipeline.obs.health import HEALTH
@@ -107,6 +108,11 @@ class LazyProducer:
         self, records: Sequence[Outgoing], partitioned: Sequence[Partitioned] = ()
     ) -> Deliveries:
         return await self.made.send_batch(records, partitioned)
+
+    async def submit(
+        self, records: Sequence[Outgoing], partitioned: Sequence[Partitioned] = ()
+    ) -> Sending:
+        return await self.made.submit(records, partitioned)
 
     def close(self) -> None:
         if self._producer is not None:
@@ -217,13 +223,15 @@ class StageBinding:
                 drop=self.engine.drop,
                 commit_on_release=self.engine.buffers,
             )
-        # a stateless stage does not wait for its lineage hops before the next batch:
-        # the batch is acked (and so committed) only once they land (settle)
-        self.runner.overlap_hops = (
-            runner.overlap_lineage and self.held is None and self.table is None
-        )
-        #: hops in flight per input partition: (last offset of the batch, landing); the
-        #: retry agent runs one fetched batch as several (the records that are due)
+        # a stateless stage does not wait for its outputs' acknowledgement (up to
+        # runner.batches_in_flight batches) nor its lineage hops before the next batch:
+        # a batch is acked (and so committed) only once they land (settle)
+        stateless = self.held is None and self.table is None
+        self.runner.overlap_hops = runner.overlap_lineage and stateless
+        self.runner.in_flight = runner.batches_in_flight if stateless else 1
+        self.runner.landing_failpoint = failpoints.reached
+        #: batches in flight per input partition: (last offset of the batch, landing);
+        #: the retry agent runs one fetched batch as several (the records that are due)
         self._landing: dict[tuple[str, int], list[tuple[int, asyncio.Future[Any]]]] = {}
         self._acking: set[asyncio.Task[None]] = set()
         self.on_fatal = on_fatal
@@ -268,15 +276,16 @@ class StageBinding:
         task.add_done_callback(self._acking.discard)
 
     async def _ack_when_landed(self, landing: list[asyncio.Future[Any]], event: Any) -> None:
-        """Ack a batch once its lineage hops are acknowledged; if they are not, the
-        worker exits without committing it (the batch is fetched and run again)."""
+        """Ack a batch once its outputs and lineage hops are acknowledged; if they are
+        not, the worker exits without committing it (the batch is fetched and run
+        again)."""
         try:
             for future in landing:
                 await future
         except Exception as exc:
             message = event.message
             what = (
-                f"lineage hops of {message.topic}[{message.partition}] through offset "
+                f"outputs or lineage hops of {message.topic}[{message.partition}] through offset "
                 f"{message.offset} not acknowledged: {exc}"
             )
             self.on_fatal(what)
@@ -390,14 +399,24 @@ class StageBinding:
         self.dependency.recovered()
         if self.held is not None:
             self.held.made_durable(report.durable)
-        self._account(report, time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        landing = report.landing
+        if landing is None:
+            self._account(report, seconds)
+        else:
+            # accounted as finally written (refused records became dead letters)
+            landing.add_done_callback(partial(self._account_landed, seconds))
         if self.failures.known and records:
             await self._passed(records[0].topic, partition, records[0].offset, records[-1].offset)
-        if report.hops_landing is not None and records:
-            # settle(event) acks the batch once they land
+        if landing is not None and records:
+            # settle(event) acks the batch once it lands
             self._landing.setdefault((records[0].topic, partition), []).append(
-                (records[-1].offset, report.hops_landing)
+                (records[-1].offset, landing)
             )
+
+    def _account_landed(self, seconds: float, landing: asyncio.Future[BatchReport]) -> None:
+        if not landing.cancelled() and landing.exception() is None:
+            self._account(landing.result(), seconds)
 
     def _where(self) -> str | None:
         """The batch being processed, for a log line."""

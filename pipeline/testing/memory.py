@@ -111,6 +111,19 @@ class Produced:
         return None if raw is None else raw.decode("utf-8", "replace")
 
 
+class Sent:
+    """A batch :class:`MemoryProducer` wrote at once: its deliveries, or the error
+    ``acknowledged`` raises (as :class:`pipeline.kafka.produce.Sending` would)."""
+
+    def __init__(self, outcome: Deliveries | BaseException) -> None:
+        self.outcome = outcome
+
+    async def acknowledged(self) -> Deliveries:
+        if isinstance(self.outcome, BaseException):
+            raise self.outcome
+        return self.outcome
+
+
 class MemoryProducer:
     """The runner's producer, in memory: every record acknowledged at once with the
     next offset of its topic partition (keys partitioned as Kafka does). A record
@@ -153,6 +166,19 @@ class MemoryProducer:
     async def send_batch(
         self, records: Sequence[Outgoing], partitioned: Sequence[Partitioned] = ()
     ) -> Deliveries:
+        return await (await self.submit(records, partitioned)).acknowledged()
+
+    async def submit(
+        self, records: Sequence[Outgoing], partitioned: Sequence[Partitioned] = ()
+    ) -> Sent:
+        """Write the batch now (in submission order, as the client would); its
+        outcome is what :meth:`Sent.acknowledged` returns or raises."""
+        try:
+            return Sent(self._write(records, partitioned))
+        except (DeliveryError, RecordsRefused) as exc:
+            return Sent(exc)
+
+    def _write(self, records: Sequence[Outgoing], partitioned: Sequence[Partitioned]) -> Deliveries:
         if self.fail is not None and (why := self.fail()):
             raise DeliveryError(f"{len(records)} record(s) not acknowledged: {why}")
         refused: dict[int, str] = {}

@@ -53,9 +53,9 @@ def test_the_batch_returns_before_its_hops_land_and_the_landing_says_when() -> N
         batch = [record({"n": n}, offset=n) for n in range(6)]
         report = await asyncio.wait_for(h.runner.handle(0, batch), 2)
         assert [p.topic for p in producer.log] == ["out"] * 3  # outputs, no hops yet
-        assert report.hops_landing is not None and not report.hops_landing.done()
+        assert report.landing is not None and not report.landing.done()
         producer.gate.set()
-        await asyncio.wait_for(report.hops_landing, 2)
+        await asyncio.wait_for(report.landing, 2)
         hops = [p for p in producer.log if p.topic == "lineage"]
         assert hops  # the batch's hops, written once its landing completed
 
@@ -71,7 +71,7 @@ def test_without_overlap_the_batch_waits_for_its_hops() -> None:
         assert not task.done()
         producer.gate.set()
         report = await asyncio.wait_for(task, 2)
-        assert report.hops_landing is None
+        assert report.landing is None
         assert [p.topic for p in producer.log] == ["out", "lineage"]
 
     asyncio.run(run())
@@ -84,9 +84,9 @@ def test_hops_not_acknowledged_fail_the_landing_not_the_batch() -> None:
         h = harness(producer, overlap=True)
         report = await h.runner.handle(0, [record({"n": 2}, offset=0)])
         producer.gate.set()
-        assert report.hops_landing is not None
+        assert report.landing is not None
         with pytest.raises(DeliveryError, match="broker down"):
-            await report.hops_landing
+            await report.landing
 
     asyncio.run(run())
 
@@ -107,6 +107,6 @@ def test_a_stateful_batch_never_overlaps_its_state_writes() -> None:
         await asyncio.sleep(0.05)
         assert not task.done()  # hops and state writes go together, awaited
         producer.gate.set()
-        assert (await asyncio.wait_for(task, 2)).hops_landing is None
+        assert (await asyncio.wait_for(task, 2)).landing is None
 
     asyncio.run(run())

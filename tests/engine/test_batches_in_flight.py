@@ -1,0 +1,175 @@
+"""A stateless stage with ``StageRunner.in_flight`` above 1 hands a batch's outputs to
+the producer, in order, and returns: their acknowledgement, and the lineage hops that
+name their offsets, land in ``BatchReport.landing`` while the next batch runs. The
+runtime acks (commits) a batch only once its landing completed."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator, Sequence
+
+import pytest
+
+from pipeline import Emit, Record, StageContext, stage
+from pipeline.errors import DeliveryError
+from pipeline.records import Deliveries, Outgoing, Partitioned
+from pipeline.testing import MemoryProducer, StageHarness, record
+
+
+@stage
+def evens(record: Record, ctx: StageContext) -> Iterator[Emit]:
+    n = record.json()["n"]
+    if n % 2 == 0:
+        yield Emit(key=record.key, value={"n": n})
+
+
+class GatedSend:
+    """A submitted batch: written at once, acknowledged when the gate opens."""
+
+    def __init__(self, producer: GatedAcks, sent: object) -> None:
+        self.producer = producer
+        self.sent = sent
+
+    async def acknowledged(self) -> Deliveries:
+        await self.producer.gate.wait()
+        if self.producer.error:
+            raise DeliveryError(self.producer.error)
+        return await self.sent.acknowledged()  # type: ignore[attr-defined,no-any-return]
+
+
+class GatedAcks(MemoryProducer):
+    """Records are written in the order submitted; acknowledgements wait for ``gate``
+    (or fail with ``error``)."""
+
+    def __init__(self, **kwargs: object) -> None:
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        self.gate = asyncio.Event()
+        self.error: str | None = None
+
+    async def submit(
+        self, records: Sequence[Outgoing], partitioned: Sequence[Partitioned] = ()
+    ) -> GatedSend:  # type: ignore[override]
+        return GatedSend(self, await super().submit(records, partitioned))
+
+    async def send_batch(
+        self, records: Sequence[Outgoing], partitioned: Sequence[Partitioned] = ()
+    ) -> Deliveries:
+        return await (await self.submit(records, partitioned)).acknowledged()
+
+
+def harness(producer: MemoryProducer, in_flight: int, stage_def: object = evens) -> StageHarness:
+    h = StageHarness(stage_def, producer=producer)  # type: ignore[arg-type]
+    h.runner.in_flight = in_flight
+    h.runner.overlap_hops = True
+    return h
+
+
+def numbers(start: int, count: int) -> list[Record]:
+    return [record({"n": n}, key=f"k{n}", offset=n) for n in range(start, start + count)]
+
+
+def test_a_batch_returns_before_its_outputs_are_acknowledged() -> None:
+    async def run() -> None:
+        producer = GatedAcks()
+        h = harness(producer, in_flight=4)
+        report = await asyncio.wait_for(h.runner.handle(0, numbers(0, 6)), 2)
+        assert [p.topic for p in producer.log] == ["out"] * 3  # handed over, no hops yet
+        assert report.landing is not None and not report.landing.done()
+        producer.gate.set()
+        final = await asyncio.wait_for(report.landing, 2)
+        assert final.produced == {"out": 3}
+        assert producer.topic("lineage")  # hops only after the outputs' acknowledgement
+
+    asyncio.run(run())
+
+
+def test_batches_in_flight_keep_their_order_on_every_partition() -> None:
+    async def run() -> None:
+        producer = GatedAcks(partitions={"out": 2})
+        h = harness(producer, in_flight=8)
+        reports = [await h.runner.handle(0, numbers(10 * b, 10)) for b in range(5)]
+        assert all(r.landing is not None and not r.landing.done() for r in reports)
+        producer.gate.set()
+        await asyncio.wait_for(asyncio.gather(*(r.landing for r in reports)), 2)  # type: ignore[misc]
+        for partition in (0, 1):
+            ns = [int(p.value.decode().split(":")[1].strip(" }")) for p in producer.topic("out")
+                  if p.partition == partition]  # fmt: skip
+            assert ns == sorted(ns) and ns
+        assert len(producer.topic("out")) == 25
+
+    asyncio.run(run())
+
+
+def test_no_more_than_in_flight_batches_wait_for_the_broker() -> None:
+    async def run() -> None:
+        producer = GatedAcks()
+        h = harness(producer, in_flight=2)
+        first = await asyncio.wait_for(h.runner.handle(0, numbers(0, 2)), 2)
+        second = await asyncio.wait_for(h.runner.handle(0, numbers(2, 2)), 2)
+        third = asyncio.ensure_future(h.runner.handle(0, numbers(4, 2)))
+        await asyncio.sleep(0.05)
+        assert not third.done()  # two batches already wait for their acknowledgement
+        assert len(producer.topic("out")) == 2  # and the third's outputs are not handed over
+        producer.gate.set()
+        report = await asyncio.wait_for(third, 2)
+        assert report.landing is not None
+        await asyncio.wait_for(asyncio.gather(first.landing, second.landing, report.landing), 2)  # type: ignore[arg-type]
+        assert len(producer.topic("out")) == 3
+
+    asyncio.run(run())
+
+
+def test_records_refused_for_good_become_dead_letters_in_the_landing() -> None:
+    async def run() -> None:
+        producer = MemoryProducer(
+            refuse=lambda topic, key, value: (
+                "Broker: Invalid record" if topic == "out" and key == b"k2" else None
+            )
+        )
+        h = harness(producer, in_flight=4)
+        report = await h.runner.handle(0, numbers(0, 6))
+        assert report.landing is not None
+        final = await asyncio.wait_for(report.landing, 2)
+        assert final.produced == {"out": 2}
+        assert final.dead_by_reason == {"unwritable": 1}
+        dead = producer.topic("dlq")
+        assert len(dead) == 1 and dead[0].key == b"k2"
+        assert dead[0].headers["dlq.reason"] == b"unwritable"
+        assert producer.topic("lineage")  # hops written after the refusal was settled
+
+    asyncio.run(run())
+
+
+def test_outputs_not_acknowledged_fail_the_landing_and_no_hops_are_written() -> None:
+    async def run() -> None:
+        producer = GatedAcks()
+        producer.error = "broker down"
+        h = harness(producer, in_flight=4)
+        report = await h.runner.handle(0, numbers(0, 4))
+        producer.gate.set()
+        assert report.landing is not None
+        with pytest.raises(DeliveryError, match="broker down"):
+            await report.landing
+        assert not producer.topic("lineage")
+
+    asyncio.run(run())
+
+
+@stage(stateful=True)
+def total(record: Record, ctx: StageContext, state) -> Emit:  # type: ignore[no-untyped-def]
+    running = state.get("sum", 0) + record.json()["n"]
+    state.set("sum", running)
+    return Emit(key=b"sum", value={"sum": running})
+
+
+def test_a_batch_with_state_writes_is_never_left_in_flight() -> None:
+    async def run() -> None:
+        producer = GatedAcks()
+        h = harness(producer, in_flight=4, stage_def=total)
+        task = asyncio.ensure_future(h.runner.handle(0, numbers(0, 2)))
+        await asyncio.sleep(0.05)
+        assert not task.done()  # its outputs, then its state writes: awaited
+        producer.gate.set()
+        assert (await asyncio.wait_for(task, 2)).landing is None
+
+    asyncio.run(run())

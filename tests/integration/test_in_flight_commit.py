@@ -1,0 +1,80 @@
+"""A stateless stage leaves a batch in flight (its outputs' acknowledgement and its
+lineage hops with ``runner.batches_in_flight`` above 1, its hops alone with
+``runner.overlap_lineage``) while the next runs. On the real broker: a batch whose
+landing fails is never committed, though its outputs were written; the worker exits
+70, and after a restart the batch is processed again, nothing lost.
+
+The ``landing-fail`` failpoint waits (without blocking the worker) for several commit
+intervals after the batch's outputs were acknowledged and then fails the landing, as
+a broker that refuses the hops would: an early ack would be committed meanwhile.
+"""
+
+from __future__ import annotations
+
+import time
+
+import orjson
+import pytest
+
+from pipeline import contract
+from pipeline.kafka.clients import admin
+from pipeline.kafka.offsets import committed_offsets, read_topic
+from tests.integration.harness import Pipeline, isolated_config, wait_for
+from tests.integration.test_dlq_runtime import header, send
+
+DELAY_S = 4.0  # eight commit intervals of the tests (0.5 s)
+
+
+def readings(count: int) -> list[tuple[bytes, bytes, list]]:
+    now = int(time.time() * 1000)
+    out = []
+    for i in range(count):
+        body = {"device_id": "dev-0001", "ts": now - 60_000 + i, "seq": i, "metric": "power"}
+        body |= {"value": 5.0, "unit": "W"}
+        out.append((b"dev-0001", orjson.dumps(body), [(contract.H_LINEAGE, b"L%d" % i)]))
+    return out
+
+
+@pytest.mark.parametrize(
+    "in_flight", ["4", "1"], ids=["outputs-and-hops-in-flight", "hops-in-flight"]
+)
+def test_a_batch_whose_landing_fails_is_not_committed_and_runs_again(broker, tmp_path, in_flight):
+    config, settings = isolated_config(tmp_path, broker.bootstrap)
+    raw = settings.stages["parse"].inputs[0]
+    out = settings.stages["parse"].output
+    group = settings.group_id("parse")
+    env = {"PIPELINE_RUNNER__BATCHES_IN_FLIGHT": in_flight}
+    pipe = Pipeline(config, settings, tmp_path)
+    first = pipe.start("parse", env={**env, "PIPELINE_FAILPOINT": f"landing-fail:1@{DELAY_S}"})
+    try:
+        assert send(settings, raw, readings(20), partition=0) == list(range(20))
+        wait_for(lambda: read_topic(settings, out), 60, "parse's first outputs", pipe.logs)
+        written_at = time.monotonic()
+        # the first batch's outputs are on the topic; its landing fails DELAY_S later:
+        # meanwhile nothing of the partition may be committed
+        seen_commits = []
+        while first.alive() and time.monotonic() - written_at < DELAY_S - 1:
+            seen_commits.append(committed_offsets(admin(settings), group, [(raw, 0)])[(raw, 0)])
+            time.sleep(0.3)
+        assert seen_commits and set(seen_commits) == {None}, seen_commits
+        wait_for(lambda: not first.alive(), 60, "the failed landing to stop parse", pipe.logs)
+        assert first.proc is not None and first.proc.returncode == 70, first.proc.returncode
+        log = first.log_path.read_text()
+        assert "failpoint landing-fail" in log and "exiting without commit" in log
+        assert committed_offsets(admin(settings), group, [(raw, 0)])[(raw, 0)] is None
+        before = len(read_topic(settings, out))
+
+        pipe.start("parse", env=env)
+        wait_for(
+            lambda: committed_offsets(admin(settings), group, [(raw, 0)])[(raw, 0)] == 20,
+            60,
+            "every reading committed after the restart",
+            pipe.logs,
+        )
+        outputs = read_topic(settings, out)
+        lineage = [header(m, contract.H_LINEAGE) for m in outputs]
+        assert set(lineage) == {b"L%d" % i for i in range(20)}  # nothing lost
+        # the failed batch was written before the failure and again after the restart
+        assert len(outputs) == before + 20 and before >= 1
+    finally:
+        pipe.stop_all()
