@@ -257,18 +257,12 @@ class TopicSource:
             self._reader = PartitionReader(self.settings, timeout=30.0)
         end = chunk.start + chunk.rows
         records: list[Record] = []
-        for msg in self._reader._messages_from((chunk.part, chunk.unit), chunk.start):
-            if msg is None:
-                break
-            offset = msg.offset()
-            if offset >= end:
-                break
+        for msg in self._reader.scan((chunk.part, chunk.unit), chunk.start, end):
             _, ts = msg.timestamp()
+            offset = msg.offset() or 0
             records.append(
                 Record(chunk.part, chunk.unit, offset, max(0, ts), msg.key(), msg.value(), ())
             )
-            if offset + 1 >= end:
-                break
         return records
 
     def close(self) -> None:
@@ -308,7 +302,7 @@ def resolve_range(
                     lows[tp],
                     highs[tp],
                     functools.partial(reader.timestamp_at, tp),
-                    functools.partial(reader.scan, tp, target, lows[tp], highs[tp]),
+                    functools.partial(reader.first_from_time, tp, target, lows[tp], highs[tp]),
                 )[0]
                 for tp in tps
             }

@@ -23,26 +23,24 @@ Broker facts this module works around (see :mod:`pipeline.kafka`):
 from __future__ import annotations
 
 import functools
-import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
 from confluent_kafka import (
-    TIMESTAMP_NOT_AVAILABLE,
     ConsumerGroupState,
     ConsumerGroupTopicPartitions,
     KafkaError,
     KafkaException,
-    Message,
     TopicPartition,
 )
 from confluent_kafka.admin import AdminClient
 
-from pipeline.errors import BrokerError, ConfigError, PipelineError
-from pipeline.kafka.clients import broker_error, client_config, consumer
+from pipeline.errors import ConfigError, PipelineError
+from pipeline.kafka.clients import broker_error, client_config
 from pipeline.kafka.offsets import committed_offsets, high_watermarks
+from pipeline.kafka.seek import PartitionSeeker, timestamp
 from pipeline.kafka.topics import require_topics
 from pipeline.settings import Settings
 from pipeline.timeparse import parse_duration, parse_instant, to_ms
@@ -238,84 +236,36 @@ class PartitionPlan:
 # ------------------------------------------------------------------ broker side
 
 
-class PartitionReader:
-    """Reads single records and scans partitions with assign (no group, no commits)."""
-
-    def __init__(self, settings: Settings, timeout: float) -> None:
-        self._consumer = consumer(settings)
-        self._timeout = timeout
-
-    def close(self) -> None:
-        self._consumer.close()
+class PartitionReader(PartitionSeeker):
+    """Single records, scans and watermarks of partitions, read with assign (no
+    group, no commits); the read loop is :class:`~pipeline.kafka.seek.PartitionSeeker`'s."""
 
     def low_watermark(self, tp: TP) -> int:
-        low, _ = self._consumer.get_watermark_offsets(TopicPartition(*tp), timeout=self._timeout)
+        low, _ = self._probe.get_watermark_offsets(TopicPartition(*tp), timeout=self._timeout)
         return int(low)
 
     def offsets_for_times(self, tps: Iterable[TP], target_ms: int) -> dict[TP, int | None]:
         asked = [TopicPartition(t, p, target_ms) for t, p in tps]
         if not asked:
             return {}
-        answer = self._consumer.offsets_for_times(asked, timeout=self._timeout)
+        answer = self._probe.offsets_for_times(asked, timeout=self._timeout)
         return {
             (tp.topic, tp.partition): (tp.offset if tp.error is None and tp.offset >= 0 else None)
             for tp in answer
         }
 
-    def _messages_from(self, tp: TP, offset: int) -> Iterator[Message | None]:
-        """Records of ``tp`` from ``offset`` on, then None at the partition's end.
-
-        Raises BrokerError if nothing arrives for ``timeout`` seconds.
-        """
-        topic, partition = tp
-        self._consumer.assign([TopicPartition(topic, partition, offset)])
-        deadline = time.monotonic() + self._timeout
-        while True:
-            batch = self._consumer.consume(num_messages=500, timeout=0.2)
-            if not batch and time.monotonic() > deadline:
-                raise BrokerError(
-                    f"reading {topic}[{partition}] from offset {offset} got nothing "
-                    f"within {self._timeout:.0f}s"
-                )
-            for msg in batch:
-                at = msg.offset()
-                if (msg.topic(), msg.partition()) != tp or at is None:
-                    continue
-                err = msg.error()
-                if err is not None:
-                    if err.code() == KafkaError._PARTITION_EOF:
-                        if at >= offset:
-                            yield None
-                            return
-                        continue
-                    raise BrokerError(f"reading {topic}[{partition}]: {err.str()}")
-                if at < offset:
-                    continue
-                deadline = time.monotonic() + self._timeout
-                yield msg
-
     def timestamp_at(self, tp: TP, offset: int) -> int | None:
         """Timestamp (ms) of the record at exactly ``offset``; None if there is none."""
-        for msg in self._messages_from(tp, offset):
-            if msg is None or msg.offset() != offset:
-                return None
-            kind, ts = msg.timestamp()
-            return int(ts) if kind != TIMESTAMP_NOT_AVAILABLE and ts >= 0 else None
-        return None
+        msg = self.first_at(tp, offset, offset + 1)
+        return None if msg is None or msg.offset() != offset else timestamp(msg)
 
-    def scan(self, tp: TP, target_ms: int, low: int, high: int) -> int:
-        """First offset in [low, high) with timestamp >= ``target_ms``, else ``high``."""
-        if high <= low:
-            return high
-        for msg in self._messages_from(tp, low):
-            at = msg.offset() if msg is not None else None
-            if msg is None or at is None:
-                return high
-            kind, ts = msg.timestamp()
-            if kind != TIMESTAMP_NOT_AVAILABLE and ts >= target_ms:
-                return int(at)
-            if at + 1 >= high:
-                return high
+    def first_from_time(self, tp: TP, target_ms: int, low: int, high: int) -> int:
+        """First offset in [low, high) with timestamp >= ``target_ms``, else ``high``:
+        a linear scan, exact whatever order the timestamps are in."""
+        for msg in self.scan(tp, low, high):
+            ts = timestamp(msg)
+            if ts is not None and ts >= target_ms:
+                return msg.offset() or low
         return high
 
 
@@ -351,7 +301,7 @@ def plan_rewind(
                     low,
                     high,
                     ts_at=functools.partial(reader.timestamp_at, tp),
-                    scan=functools.partial(reader.scan, tp, target.value, low, high),
+                    scan=functools.partial(reader.first_from_time, tp, target.value, low, high),
                 )
                 shown = "none" if answer is None else str(answer)
                 note = "broker's answer" if method == "broker" else f"scanned (broker: {shown})"
