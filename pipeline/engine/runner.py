@@ -32,6 +32,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from operator import attrgetter
 from typing import Any, Protocol
 
@@ -151,6 +152,11 @@ class StageRunner:
         #: land in ``BatchReport.landing`` while the next batch runs. Set by the runtime.
         self.in_flight = 1
         self._flying: deque[asyncio.Future[BatchReport]] = deque()
+        #: a stateful stage (``in_flight`` above 1): once a batch's outputs are
+        #: acknowledged, its state writes and hops are left in flight; the table
+        #: (``on_state``) gets each batch's writes once they land, in batch order
+        self.overlap_state = False
+        self._state_landing: dict[int, asyncio.Future[BatchReport]] = {}
         #: awaited where a landing has its outputs acknowledged (a test's failpoint)
         self.landing_failpoint: Callable[[str], Awaitable[None]] | None = None
 
@@ -260,7 +266,7 @@ class StageRunner:
         else:
             self.budget.check_clean(len(records))
         batch, topics = self._outgoing(result, retries, lane_batch)
-        if self.in_flight > 1 and not result.writes and not self.blocking:
+        if self.in_flight > 1 and self.spec.state_topic is None and not self.blocking:
             await self._room()
             sending = await self.producer.submit(batch)
             report = self._report(records, result, retries, topics)
@@ -279,6 +285,12 @@ class StageRunner:
         return await self._after_outputs(
             partition, records, result, retries, delivered, topics, self.overlap_hops
         )
+
+    async def drain(self) -> None:
+        """Wait until no batch is in flight (their failures are the caller's landings')."""
+        while self._flying:
+            await asyncio.wait([self._flying.popleft()])
+        self._state_landing.clear()
 
     async def _room(self) -> None:
         """Wait until fewer than ``in_flight`` batches await their acknowledgement."""
@@ -359,9 +371,45 @@ class StageRunner:
         if hops and not writes and overlap_hops:
             report.landing = asyncio.ensure_future(self._hops_land(hops, report))
             return report
+        if writes and self.overlap_state:
+            await self._room()
+            sending = await self.producer.submit((), [*hops, *writes])
+            before = self._state_landing.get(partition)
+            landing = asyncio.ensure_future(
+                self._state_land(sending, partition, result.writes, report, before)
+            )
+            self._state_landing[partition] = landing
+            landing.add_done_callback(partial(self._landed_state, partition))
+            self._flying.append(landing)
+            report.landing = landing
+            return report
         await self.producer.send_batch((), [*hops, *writes] if hops else writes)
         if self.on_state is not None and result.writes:
             self.on_state(partition, result.writes)
+        return report
+
+    def _landed_state(self, partition: int, landing: asyncio.Future[BatchReport]) -> None:
+        if self._state_landing.get(partition) is landing:
+            del self._state_landing[partition]
+
+    async def _state_land(
+        self,
+        sending: Sending,
+        partition: int,
+        writes: list[tuple[bytes, bytes | None]],
+        report: BatchReport,
+        before: asyncio.Future[BatchReport] | None,
+    ) -> BatchReport:
+        """A stateful batch's state writes and hops acknowledged, then its writes
+        applied to the table after those of the partition's batch before (which must
+        land too)."""
+        await sending.acknowledged()
+        if self.landing_failpoint is not None:
+            await self.landing_failpoint("landing-fail")
+        if before is not None:
+            await before
+        if self.on_state is not None:
+            self.on_state(partition, writes)
         return report
 
     async def _hops_land(self, hops: list[Partitioned], report: BatchReport) -> BatchReport:
@@ -440,6 +488,7 @@ class StageRunner:
 
     async def tick(self, partition: int, quiet_since: float) -> BatchReport | None:
         """Advance an idle partition of a stateful stage; deliver what that emits."""
+        await self.drain()  # its writes go to the table after those in flight
         tick = getattr(self.engine, "tick", None)
         result = tick(partition, quiet_since) if tick is not None else None
         if result is None:

@@ -228,7 +228,10 @@ class StageBinding:
         # a batch is acked (and so committed) only once they land (settle)
         stateless = self.held is None and self.table is None
         self.runner.overlap_hops = runner.overlap_lineage and stateless
-        self.runner.in_flight = runner.batches_in_flight if stateless else 1
+        self.runner.in_flight = runner.batches_in_flight if self.held is None else 1
+        # a stateful stage's outputs are always acknowledged before its state writes
+        # are sent; those (and the hops) may stay in flight
+        self.runner.overlap_state = self.table is not None and runner.batches_in_flight > 1
         self.runner.landing_failpoint = failpoints.reached
         #: batches in flight per input partition: (last offset of the batch, landing);
         #: the retry agent runs one fetched batch as several (the records that are due)
@@ -387,7 +390,7 @@ class StageBinding:
                 self.current = (first.topic, partition, first.offset, last.offset)
             try:
                 if self.stateful:
-                    self._ensure_loaded(partition)
+                    await self._load(partition)
                 report = await self.runner.handle(partition, records)
             except BudgetExceeded as exc:
                 where = self._where()
@@ -487,10 +490,13 @@ class StageBinding:
         )
 
     # -- state ---------------------------------------------------------------------------------
-    def _ensure_loaded(self, partition: int) -> None:
+    async def _load(self, partition: int) -> None:
+        """Load the partition's state into the engine once per consumer generation,
+        from the table once every batch in flight has landed in it."""
         generation = self.app.consumer_generation_id
         if self._loaded.get(partition) == generation:
             return
+        await self.runner.drain()
         self.engine.load(partition, [(k, v) for k, v in self.table.data.items() if v])
         self._loaded[partition] = generation
 
@@ -526,7 +532,7 @@ class StageBinding:
             if self._loaded.get(partition) != generation:
                 async with self.lock:
                     if self.stopped is None:
-                        self._ensure_loaded(partition)
+                        await self._load(partition)
 
     async def tick(self) -> None:
         """Advance the watermark of idle partitions, while the pipeline up to here is

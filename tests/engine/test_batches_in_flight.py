@@ -162,7 +162,125 @@ def total(record: Record, ctx: StageContext, state) -> Emit:  # type: ignore[no-
     return Emit(key=b"sum", value={"sum": running})
 
 
-def test_a_batch_with_state_writes_is_never_left_in_flight() -> None:
+class EachAck(MemoryProducer):
+    """Every submitted batch is written at once and acknowledged when the test says:
+    ``release(i)`` acknowledges the i-th submitted batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gates: list[asyncio.Event] = []
+        self.kinds: list[str] = []
+
+    async def submit(
+        self, records: Sequence[Outgoing], partitioned: Sequence[Partitioned] = ()
+    ) -> Released:  # type: ignore[override]
+        gate = asyncio.Event()
+        self.gates.append(gate)
+        self.kinds.append("outputs" if records else "state")
+        return Released(gate, await super().submit(records, partitioned))
+
+    async def send_batch(
+        self, records: Sequence[Outgoing], partitioned: Sequence[Partitioned] = ()
+    ) -> Deliveries:
+        return await (await self.submit(records, partitioned)).acknowledged()
+
+    def release(self, index: int) -> None:
+        self.gates[index].set()
+
+
+class Released:
+    def __init__(self, gate: asyncio.Event, sent: object) -> None:
+        self.gate = gate
+        self.sent = sent
+
+    async def acknowledged(self) -> Deliveries:
+        await self.gate.wait()
+        return await self.sent.acknowledged()  # type: ignore[attr-defined,no-any-return]
+
+
+async def until(condition: object, what: str) -> None:
+    for _ in range(200):
+        if condition():  # type: ignore[operator]
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def sum_of(state: dict[bytes, bytes]) -> bytes:
+    """The running sum in the stage's table (keys are the engine's encoding)."""
+    (value,) = [v for k, v in state.items() if b'"sum"' in k]
+    return value
+
+
+def stateful(producer: MemoryProducer) -> StageHarness:
+    h = harness(producer, in_flight=4, stage_def=total)
+    h.runner.overlap_state = True
+    return h
+
+
+def test_a_stateful_batch_waits_for_its_outputs_then_leaves_its_state_writes_in_flight() -> None:
+    async def run() -> None:
+        producer = EachAck()
+        h = stateful(producer)
+        task = asyncio.ensure_future(h.runner.handle(0, numbers(0, 2)))
+        await until(lambda: producer.kinds == ["outputs"], "the outputs to be sent")
+        await asyncio.sleep(0.05)
+        assert not task.done()  # its outputs first, acknowledged before any state write
+        producer.release(0)
+        report = await asyncio.wait_for(task, 2)
+        assert producer.kinds == ["outputs", "state"]
+        assert report.landing is not None and not report.landing.done()
+        assert h.state == {}  # the table gets the writes once they land
+        producer.release(1)
+        await asyncio.wait_for(report.landing, 2)
+        assert h.state == {p.key: p.value for p in producer.topic("state")}
+        assert sum_of(h.state) == b"1"
+
+    asyncio.run(run())
+
+
+def test_state_writes_reach_the_table_in_batch_order_whichever_lands_first() -> None:
+    async def run() -> None:
+        producer = EachAck()
+        h = stateful(producer)
+        first = asyncio.ensure_future(h.runner.handle(0, numbers(0, 2)))  # sum 1
+        await until(lambda: len(producer.gates) == 1, "batch 1's outputs")
+        producer.release(0)
+        one = await asyncio.wait_for(first, 2)
+        second = asyncio.ensure_future(h.runner.handle(0, numbers(2, 2)))  # sum 6
+        await until(lambda: len(producer.gates) == 3, "batch 2's outputs")
+        producer.release(2)
+        two = await asyncio.wait_for(second, 2)
+        assert one.landing is not None and two.landing is not None
+        producer.release(3)  # batch 2's state lands first
+        await asyncio.sleep(0.05)
+        assert not two.landing.done() and h.state == {}  # it waits for batch 1's
+        producer.release(1)
+        await asyncio.wait_for(asyncio.gather(one.landing, two.landing), 2)
+        assert sum_of(h.state) == b"6"  # batch 2's value, applied after batch 1's
+
+    asyncio.run(run())
+
+
+def test_an_idle_tick_waits_for_the_batches_in_flight() -> None:
+    async def run() -> None:
+        producer = EachAck()
+        h = stateful(producer)
+        task = asyncio.ensure_future(h.runner.handle(0, numbers(0, 2)))
+        await until(lambda: len(producer.gates) == 1, "the outputs")
+        producer.release(0)
+        report = await asyncio.wait_for(task, 2)
+        tick = asyncio.ensure_future(h.runner.tick(0, 0.0))
+        await asyncio.sleep(0.05)
+        assert not tick.done()
+        producer.release(1)
+        await asyncio.wait_for(tick, 2)
+        assert report.landing is not None and report.landing.done()
+
+    asyncio.run(run())
+
+
+def test_without_overlap_state_a_stateful_batch_awaits_everything() -> None:
     async def run() -> None:
         producer = GatedAcks()
         h = harness(producer, in_flight=4, stage_def=total)
@@ -171,5 +289,6 @@ def test_a_batch_with_state_writes_is_never_left_in_flight() -> None:
         assert not task.done()  # its outputs, then its state writes: awaited
         producer.gate.set()
         assert (await asyncio.wait_for(task, 2)).landing is None
+        assert h.state
 
     asyncio.run(run())

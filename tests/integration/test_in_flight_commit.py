@@ -19,7 +19,17 @@ import pytest
 from pipeline import contract
 from pipeline.kafka.clients import admin
 from pipeline.kafka.offsets import committed_offsets, read_topic
-from tests.integration.harness import Pipeline, isolated_config, wait_for
+from tests.integration.harness import (
+    REGISTRY,
+    Pipeline,
+    assert_windows_match,
+    isolated_config,
+    produce,
+    publish_devices,
+    sent_records,
+    wait_for,
+    wait_for_all_readings,
+)
 from tests.integration.test_dlq_runtime import header, send
 
 DELAY_S = 4.0  # eight commit intervals of the tests (0.5 s)
@@ -76,5 +86,49 @@ def test_a_batch_whose_landing_fails_is_not_committed_and_runs_again(broker, tmp
         assert set(lineage) == {b"L%d" % i for i in range(20)}  # nothing lost
         # the failed batch was written before the failure and again after the restart
         assert len(outputs) == before + 20 and before >= 1
+    finally:
+        pipe.stop_all()
+
+
+def test_a_stateful_batch_whose_state_writes_fail_to_land_is_not_committed(broker, tmp_path):
+    """The aggregate (stateful): its outputs are acknowledged before its state writes
+    are sent, which then stay in flight while the next batch runs. The first batch's
+    state writes fail to land: nothing of its input is committed meanwhile, the worker
+    exits 70, and after a restart every good reading is counted once."""
+    config, settings = isolated_config(tmp_path, broker.bootstrap)
+    publish_devices(settings, REGISTRY)
+    source = settings.stages["aggregate"].inputs[0]
+    tps = [(source, p) for p in range(settings.topics[source].partitions)]
+    group = settings.group_id("aggregate")
+    pipe = Pipeline(config, settings, tmp_path)
+    for stage in ("ingest", "parse", "enrich"):
+        pipe.start(stage)
+    first = pipe.start("aggregate", env={"PIPELINE_FAILPOINT": f"landing-fail:1@{DELAY_S}"})
+    try:
+        records = sent_records(600, seed=21, bad_ratio=0.0)
+        produce(settings, settings.stages["ingest"].inputs[0], records)
+        wait_for(
+            lambda: "failpoint landing-fail" in first.log_path.read_text(),
+            90,
+            "the aggregate's first batch to reach the failpoint",
+            pipe.logs,
+        )
+        commits = []
+        deadline = time.monotonic() + DELAY_S + 30
+        while first.alive() and time.monotonic() < deadline:
+            commits.append(committed_offsets(admin(settings), group, tps))
+            time.sleep(0.3)
+        assert first.proc is not None and first.proc.poll() == 70, first.proc.poll()
+        # while the failing landing was pending (DELAY_S) the partition of the failed
+        # batch got no commit at all, though batches of it after were processed
+        with_data = {(m.topic(), m.partition()) for m in read_topic(settings, source)}
+        never = [tp for tp in with_data if all(c[tp] is None for c in commits)]
+        assert len(commits) >= int(DELAY_S / 0.3) - 3 and never, commits[-1:]
+        assert "failpoint landing-fail" in first.log_path.read_text()
+
+        pipe.workers["aggregate"].remove(first)  # its exit was the point
+        pipe.start("aggregate")
+        got = wait_for_all_readings(pipe, sum(r.kind == "good" for r in records))
+        assert_windows_match(records, got)
     finally:
         pipe.stop_all()
