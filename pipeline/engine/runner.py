@@ -17,11 +17,15 @@ Per partition batch, :meth:`StageRunner.handle`:
    acknowledged), and awaits them;
 6. applies the state writes to the in-memory table (``on_state``).
 
-Only then may the caller ack the batch (commit its offsets). A crash anywhere
-before re-delivers it: at-least-once, lineage ids and the fence make repeats
-harmless. A batch of the stage's backfill lane writes its outputs to the lanes of
-the stages that read them (``lane_targets``), so a backfill never sits in front of
-live records downstream.
+Only then may the caller ack the batch (commit its offsets). With ``in_flight``
+above 1, steps 4-6 of a batch run in the background (``BatchReport.landing``) while
+the next batch is processed: a stateless batch's outputs are handed to the producer
+in order and the runner returns; a stateful batch's outputs are still awaited, its
+state writes and hops are not. The caller acks only once the landing completed.
+A crash anywhere before re-delivers the batch: at-least-once, lineage ids and the
+fence make repeats harmless. A batch of the stage's backfill lane writes its outputs
+to the lanes of the stages that read them (``lane_targets``), so a backfill never
+sits in front of live records downstream.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from operator import attrgetter
@@ -98,6 +102,10 @@ def _noop(name: str) -> None:
     return None
 
 
+async def _landing_noop(name: str) -> None:
+    return None
+
+
 class StageRunner:
     """Process, route, budget, deliver and account for the batches of one stage."""
 
@@ -116,6 +124,7 @@ class StageRunner:
         on_state: Callable[[int, list[tuple[bytes, bytes | None]]], None] | None = None,
         spans: Callable[[Sequence[Record], BatchResult, int], None] | None = None,
         failpoint: Callable[[str], None] = _noop,
+        landing_failpoint: Callable[[str], Awaitable[None]] = _landing_noop,
         max_message_bytes: int = 1_000_000,
         topic_limits: Mapping[str, int] | None = None,
         dlq_max_bytes: int = MAX_PAYLOAD_BYTES,
@@ -135,6 +144,8 @@ class StageRunner:
         self.on_state = on_state
         self.spans = spans
         self.failpoint = failpoint
+        #: awaited in a landing once its outputs are acknowledged (a test's failpoint)
+        self.landing_failpoint = landing_failpoint
         self.retry_topic = spec.retry.topic if spec.retry is not None else ""
         #: the largest record the producer writes, and topics that take less
         self.max_message_bytes = max_message_bytes
@@ -157,8 +168,6 @@ class StageRunner:
         #: (``on_state``) gets each batch's writes once they land, in batch order
         self.overlap_state = False
         self._state_landing: dict[int, asyncio.Future[BatchReport]] = {}
-        #: awaited where a landing has its outputs acknowledged (a test's failpoint)
-        self.landing_failpoint: Callable[[str], Awaitable[None]] | None = None
 
     # -- routing -------------------------------------------------------------------------
     def _targets(self, topic: str | None, lane_batch: bool) -> tuple[str, ...]:
@@ -270,11 +279,9 @@ class StageRunner:
             await self._room()
             sending = await self.producer.submit(batch)
             report = self._report(records, result, retries, topics)
-            landing = asyncio.ensure_future(
+            report.landing = self._fly(
                 self._land(sending, partition, records, result, retries, topics, lane_batch)
             )
-            self._flying.append(landing)
-            report.landing = landing
             return report
         try:
             delivered = await self.producer.send_batch(batch)
@@ -291,6 +298,12 @@ class StageRunner:
         while self._flying:
             await asyncio.wait([self._flying.popleft()])
         self._state_landing.clear()
+
+    def _fly(self, landing: Coroutine[Any, Any, BatchReport]) -> asyncio.Future[BatchReport]:
+        """Start a batch's landing; it counts against ``in_flight`` until done."""
+        future = asyncio.ensure_future(landing)
+        self._flying.append(future)
+        return future
 
     async def _room(self) -> None:
         """Wait until fewer than ``in_flight`` batches await their acknowledgement."""
@@ -321,8 +334,7 @@ class StageRunner:
             retries, _, topics, delivered = await self._after_refusal(
                 exc, records, result, retries, lane_batch
             )
-        if self.landing_failpoint is not None:
-            await self.landing_failpoint("landing-fail")
+        await self.landing_failpoint("landing-fail")
         return await self._after_outputs(
             partition, records, result, retries, delivered, topics, False
         )
@@ -375,12 +387,9 @@ class StageRunner:
             await self._room()
             sending = await self.producer.submit((), [*hops, *writes])
             before = self._state_landing.get(partition)
-            landing = asyncio.ensure_future(
-                self._state_land(sending, partition, result.writes, report, before)
-            )
+            landing = self._fly(self._state_land(sending, partition, result.writes, report, before))
             self._state_landing[partition] = landing
             landing.add_done_callback(partial(self._landed_state, partition))
-            self._flying.append(landing)
             report.landing = landing
             return report
         await self.producer.send_batch((), [*hops, *writes] if hops else writes)
@@ -404,8 +413,7 @@ class StageRunner:
         applied to the table after those of the partition's batch before (which must
         land too)."""
         await sending.acknowledged()
-        if self.landing_failpoint is not None:
-            await self.landing_failpoint("landing-fail")
+        await self.landing_failpoint("landing-fail")
         if before is not None:
             await before
         if self.on_state is not None:
@@ -413,8 +421,7 @@ class StageRunner:
         return report
 
     async def _hops_land(self, hops: list[Partitioned], report: BatchReport) -> BatchReport:
-        if self.landing_failpoint is not None:
-            await self.landing_failpoint("landing-fail")
+        await self.landing_failpoint("landing-fail")
         await self.producer.send_batch((), hops)
         return report
 

@@ -141,7 +141,8 @@ class StageBinding:
         on_fatal: Callable[[str], None],
     ) -> None:
         """``on_fatal(what)``: the worker exits without committing (app.py), when the
-        lineage hops of a batch in flight are not acknowledged."""
+        outputs, state writes or lineage hops of a batch in flight are not
+        acknowledged."""
         self.stage_id = stage_id
         self.settings = settings
         self.spec = spec = settings.stage(stage_id)
@@ -179,6 +180,7 @@ class StageBinding:
             on_state=self._apply_state,
             spans=_spans(stage_id),
             failpoint=failpoints.hit,
+            landing_failpoint=failpoints.reached,
             max_message_bytes=settings.runner.max_message_bytes,
             topic_limits={
                 name: spec.max_message_bytes
@@ -232,7 +234,6 @@ class StageBinding:
         # a stateful stage's outputs are always acknowledged before its state writes
         # are sent; those (and the hops) may stay in flight
         self.runner.overlap_state = self.table is not None and runner.batches_in_flight > 1
-        self.runner.landing_failpoint = failpoints.reached
         #: batches in flight per input partition: (last offset of the batch, landing);
         #: the retry agent runs one fetched batch as several (the records that are due)
         self._landing: dict[tuple[str, int], list[tuple[int, asyncio.Future[Any]]]] = {}
