@@ -14,8 +14,8 @@ have failed.
 
 Points: ``dlq-delivered`` (dead letters acknowledged by the broker, batch not yet
 acked, so its offsets are not committed); ``batch-stall`` (processing a batch);
-``landing-fail`` (a batch in flight had its outputs acknowledged; its lineage hops
-are refused, as a broker gone down would).
+``landing-fail`` (a batch in flight had its outputs acknowledged; the rest of its
+landing, state writes or lineage hops, fails as with a broker gone down).
 """
 
 from __future__ import annotations
