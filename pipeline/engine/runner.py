@@ -163,6 +163,9 @@ class StageRunner:
         #: land in ``BatchReport.landing`` while the next batch runs. Set by the runtime.
         self.in_flight = 1
         self._flying: deque[asyncio.Future[BatchReport]] = deque()
+        #: how many batches await the broker's acknowledgement now (their landing);
+        #: an int, so another thread (the metrics endpoint) can read it
+        self.landing = 0
         #: a stateful stage (``in_flight`` above 1): once a batch's outputs are
         #: acknowledged, its state writes and hops are left in flight; the table
         #: (``on_state``) gets each batch's writes once they land, in batch order
@@ -295,26 +298,40 @@ class StageRunner:
 
     async def drain(self) -> None:
         """Wait until no batch is in flight (their failures are the caller's landings')."""
-        while self._flying:
-            await asyncio.wait([self._flying.popleft()])
+        flying = self._flying
+        while flying:
+            await asyncio.wait([flying[0]])
+            flying.popleft()
         self._state_landing.clear()
 
     def _fly(self, landing: Coroutine[Any, Any, BatchReport]) -> asyncio.Future[BatchReport]:
-        """Start a batch's landing; it counts against ``in_flight`` until done."""
+        """Start a batch's landing: counted in ``landing`` and waited for by ``drain``
+        until done; ``_room`` holds a stage's batches in flight to ``in_flight`` (the
+        hops of ``overlap_hops`` alone are not held)."""
+        self._prune()
         future = asyncio.ensure_future(landing)
         self._flying.append(future)
+        self.landing += 1
+        future.add_done_callback(self._landed)
         return future
+
+    def _landed(self, _: asyncio.Future[BatchReport]) -> None:
+        self.landing -= 1
+
+    def _prune(self) -> None:
+        """Forget the landings at the head of the queue that are done."""
+        flying = self._flying
+        while flying and flying[0].done():
+            flying.popleft()
 
     async def _room(self) -> None:
         """Wait until fewer than ``in_flight`` batches await their acknowledgement."""
         flying = self._flying
-        while flying and flying[0].done():
-            flying.popleft()
+        self._prune()
         while len(flying) >= self.in_flight:
             await asyncio.wait([flying[0]])
             flying.popleft()
-            while flying and flying[0].done():
-                flying.popleft()
+            self._prune()
 
     async def _land(
         self,
@@ -381,7 +398,7 @@ class StageRunner:
         writes = self._state_writes(partition, result)
         report = self._report(records, result, retries, topics)
         if hops and not writes and overlap_hops:
-            report.landing = asyncio.ensure_future(self._hops_land(hops, report))
+            report.landing = self._fly(self._hops_land(hops, report))
             return report
         if writes and self.overlap_state:
             await self._room()

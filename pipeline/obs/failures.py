@@ -8,7 +8,8 @@ failed there (one more than the record already there, if that named the same
 first offset). The next worker of the stage reads its records at start:
 ``pipeline_batch_failures{stage,topic,partition}`` shows the attempts, and from the
 second attempt ``/healthz`` names the partition and offset it is stuck on. A batch
-that goes through past that offset clears the record (a tombstone). ``pipeline
+that goes through past that offset (with batches in flight: that landed, after every
+batch before it of its partition) clears the record (a tombstone). ``pipeline
 status`` reads the topic too and shows a stage that is crash-looping.
 """
 
@@ -97,7 +98,10 @@ class FailureLog:
     def record(self, topic: str, partition: int, first: int, last: int, error: str) -> Failure:
         """Note a failed batch before the worker exits (blocking, bounded, best effort)."""
         before = self.known.get((topic, partition))
-        attempts = before.attempts + 1 if before is not None and before.offset == first else 1
+        # the same batch again, or one that covers it (batch bounds after a restart
+        # depend on what was committed and fetched)
+        again = before is not None and first <= before.offset <= last
+        attempts = before.attempts + 1 if before is not None and again else 1
         now_ms = int(time.time() * 1000)
         failure = Failure(
             self.stage_id, topic, partition, first, last, attempts, error[:500], now_ms
@@ -120,7 +124,8 @@ class FailureLog:
         failure = self.known.get((topic, partition))
         if failure is None or last < failure.offset:
             return None
-        del self.known[(topic, partition)]
+        if self.known.pop((topic, partition), None) is None:
+            return None  # cleared meanwhile (another batch's check, in another thread)
         if self.topic is not None:
             try:
                 produce_acked(

@@ -94,6 +94,14 @@ LATE_READINGS = Counter(
     ["stage"],
     registry=REGISTRY,
 )
+BATCHES_IN_FLIGHT = Gauge(
+    "pipeline_batches_in_flight",
+    "Batches whose outputs, state writes or lineage hops await the broker's "
+    "acknowledgement (at most runner.batches_in_flight, unless it is 1 and only the hops "
+    "are in flight); not acked, so not committed, until they land.",
+    ["stage"],
+    registry=REGISTRY,
+)
 STAGE_STOPPED = Gauge(
     "pipeline_stage_stopped",
     "1 while the stage has stopped consuming because its dead-letter budget was exceeded.",

@@ -41,7 +41,7 @@ from pipeline.obs import metrics
 from pipeline.obs.health import HEALTH
 from pipeline.obs.openlineage import StageLineage
 from pipeline.records import Record
-from pipeline.runtime.binding import StageBinding, to_record
+from pipeline.runtime.binding import Batch, StageBinding, to_record
 from pipeline.runtime.faust_fixes import apply_faust_fixes
 from pipeline.runtime.lanes import LaneGovernor
 from pipeline.runtime.stage_app import StageApp
@@ -86,7 +86,12 @@ def build_app(settings: Settings, stage_id: str) -> tuple[StageApp, StageBinding
     app.batch_topics = frozenset(spec.inputs)
     app.fetch_max_wait_ms = runner.fetch_max_wait_ms
     app.kafka_client_config = client_config(settings)
-    binding = StageBinding(stage_id, settings, app, lambda what: _crash(app, stage_id, what))
+    binding = StageBinding(
+        stage_id,
+        settings,
+        app,
+        lambda what, batch: _crash(app, stage_id, what, binding, batch=batch),
+    )
     app.run_events = StageLineage(settings, stage_id)
     topic = app.topic(*spec.inputs, key_serializer="raw", value_serializer="raw")
 
@@ -261,14 +266,18 @@ def _crash(
     what: str = "unexpected error",
     binding: StageBinding | None = None,
     code: int = EXIT_BUG,
+    batch: Batch | None = None,
 ) -> NoReturn:
-    """Exit without committing. The batch being processed (if any) is noted in the
-    failures topic first, so the next worker (and `pipeline status`) can tell a
-    crash loop; the log line names the batch's offsets and the attempt."""
+    """Exit without committing. The batch it failed on (``batch``, or the one being
+    processed, if any) is noted in the failures topic first, so the next worker (and
+    `pipeline status`) can tell a crash loop; the log line names the batch's offsets
+    and the attempt."""
     line = f"stage {stage_id}: {what}"
+    if batch is not None:
+        line += f" on {batch[0]}[{batch[1]}] offsets {batch[2]}-{batch[3]}"
     if binding is not None:
         try:
-            line = binding.record_failure(what)
+            line = binding.record_failure(what, batch)
         except Exception:
             log.warning("could not note the failed batch", exc_info=True)
     log.critical("%s; exiting without commit", line, exc_info=code == EXIT_BUG)

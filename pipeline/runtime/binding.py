@@ -43,6 +43,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pipeline.binding")
 
+#: a batch of one input partition: (topic, partition, first offset, last offset)
+Batch = tuple[str, int, int, int]
+
 _new_record = object.__new__
 # Record is a frozen dataclass: its __init__ sets each field through
 # object.__setattr__; the slots' own setters do the same at half the cost.
@@ -138,11 +141,12 @@ class StageBinding:
         stage_id: str,
         settings: Settings,
         app: StageApp,
-        on_fatal: Callable[[str], None],
+        on_fatal: Callable[[str, Batch], None],
     ) -> None:
-        """``on_fatal(what)``: the worker exits without committing (app.py), when the
-        outputs, state writes or lineage hops of a batch in flight are not
-        acknowledged."""
+        """``on_fatal(what, batch)``: the worker exits without committing (app.py), when
+        the outputs, state writes or lineage hops of a batch in flight are not
+        acknowledged; ``batch`` is that batch's (topic, partition, first, last offset),
+        to be noted in the failures topic like a batch the worker crashed on."""
         self.stage_id = stage_id
         self.settings = settings
         self.spec = spec = settings.stage(stage_id)
@@ -201,8 +205,8 @@ class StageBinding:
             settings, stage_id, ttl=max(0.5, spec.idle_timeout_s / 2)
         )
         self._quiet_since: float | None = None
-        #: the batch being processed: (topic, partition, first offset, last offset)
-        self.current: tuple[str, int, int, int] | None = None
+        #: the batch being processed
+        self.current: Batch | None = None
         self.failures = FailureLog(settings, stage_id)
         HEALTH.watch(f"{stage_id}_batch", self.stuck)
         HEALTH.watch(f"{stage_id}_crash_loop", self.crash_looping)
@@ -234,11 +238,15 @@ class StageBinding:
         # a stateful stage's outputs are always acknowledged before its state writes
         # are sent; those (and the hops) may stay in flight
         self.runner.overlap_state = self.table is not None and runner.batches_in_flight > 1
-        #: batches in flight per input partition: (last offset of the batch, landing);
-        #: the retry agent runs one fetched batch as several (the records that are due)
-        self._landing: dict[tuple[str, int], list[tuple[int, asyncio.Future[Any]]]] = {}
+        #: batches in flight per input partition: (the batch, its landing); the retry
+        #: agent runs one fetched batch as several (the records that are due)
+        self._landing: dict[tuple[str, int], list[tuple[Batch, asyncio.Future[Any]]]] = {}
         self._acking: set[asyncio.Task[None]] = set()
+        #: while a failure is on record: per input partition, the last batch's check
+        #: of whether it got past it (see _passed_in_order)
+        self._passing: dict[tuple[str, int], asyncio.Future[bool]] = {}
         self.on_fatal = on_fatal
+        metrics.BATCHES_IN_FLIGHT.labels(stage_id).set_function(lambda: self.runner.landing)
 
     @property
     def stateful(self) -> bool:
@@ -268,32 +276,30 @@ class StageBinding:
         flying = self._landing.get(key)
         landing = []
         if flying:
-            landing = [f for offset, f in flying if offset <= message.offset]
-            flying[:] = [(o, f) for o, f in flying if o > message.offset]
+            landing = [(b, f) for b, f in flying if b[3] <= message.offset]
+            flying[:] = [(b, f) for b, f in flying if b[3] > message.offset]
             if not flying:
                 del self._landing[key]
-        if all(f.done() and f.exception() is None for f in landing):
+        if all(f.done() and f.exception() is None for _, f in landing):
             event.ack()
             return
         task = asyncio.ensure_future(self._ack_when_landed(landing, event))
         self._acking.add(task)
         task.add_done_callback(self._acking.discard)
 
-    async def _ack_when_landed(self, landing: list[asyncio.Future[Any]], event: Any) -> None:
-        """Ack a batch once its outputs and lineage hops are acknowledged; if they are
-        not, the worker exits without committing it (the batch is fetched and run
-        again)."""
-        try:
-            for future in landing:
+    async def _ack_when_landed(
+        self, landing: list[tuple[Batch, asyncio.Future[Any]]], event: Any
+    ) -> None:
+        """Ack a batch once its outputs, state writes and lineage hops are acknowledged;
+        if they are not, the worker exits without committing it (the batch is fetched and run
+        again), noting the batch that failed to land in the failures topic."""
+        for batch, future in landing:
+            try:
                 await future
-        except Exception as exc:
-            message = event.message
-            what = (
-                f"outputs or lineage hops of {message.topic}[{message.partition}] through offset "
-                f"{message.offset} not acknowledged: {exc}"
-            )
-            self.on_fatal(what)
-            return
+            except Exception as exc:
+                what = f"outputs, state writes or lineage hops not acknowledged: {exc}"
+                self.on_fatal(what, batch)
+                return
         event.ack()
 
     async def flush(self) -> None:
@@ -386,9 +392,10 @@ class StageBinding:
             if self.stopped is not None:
                 raise StageStopped(self.stopped)
             self.busy_since = time.monotonic()
+            batch = None
             if records:
                 first, last = records[0], records[-1]
-                self.current = (first.topic, partition, first.offset, last.offset)
+                batch = self.current = (first.topic, partition, first.offset, last.offset)
             try:
                 if self.stateful:
                     await self._load(partition)
@@ -410,13 +417,43 @@ class StageBinding:
         else:
             # accounted as finally written (refused records became dead letters)
             landing.add_done_callback(partial(self._account_landed, seconds))
-        if self.failures.known and records:
-            await self._passed(records[0].topic, partition, records[0].offset, records[-1].offset)
-        if landing is not None and records:
+        if batch is None:
+            return
+        key = (batch[0], partition)
+        if landing is not None:
             # settle(event) acks the batch once it lands
-            self._landing.setdefault((records[0].topic, partition), []).append(
-                (records[-1].offset, landing)
-            )
+            self._landing.setdefault(key, []).append((batch, landing))
+        if not self.failures.known:
+            return
+        prior = self._passing.get(key)
+        if landing is None and prior is None:
+            await self._passed(*batch)
+        else:
+            # a batch a worker failed on is past only once it and the partition's
+            # batches before it landed (landings may complete out of order)
+            self._passing[key] = asyncio.ensure_future(self._passed_in_order(prior, landing, batch))
+
+    async def _passed_in_order(
+        self,
+        prior: asyncio.Future[bool] | None,
+        landing: asyncio.Future[Any] | None,
+        batch: Batch,
+    ) -> bool:
+        """Clear a recorded failure the batch covers once it and every batch before it
+        of its partition landed; False if one did not (noted by _ack_when_landed)."""
+        if prior is not None and not await prior:
+            return False
+        try:
+            if landing is not None:
+                await landing
+        except Exception:
+            return False
+        try:
+            await self._passed(*batch)
+        except Exception:
+            log.warning("could not clear the failure on record", exc_info=True)
+            return False
+        return True
 
     def _account_landed(self, seconds: float, landing: asyncio.Future[BatchReport]) -> None:
         if not landing.cancelled() and landing.exception() is None:
@@ -445,12 +482,13 @@ class StageBinding:
                 failure.attempts,
             )
 
-    def record_failure(self, error: str) -> str:
-        """Before the worker exits on the current batch: note it in the failures topic;
-        returns the line to log (which batch, which attempt)."""
-        if self.current is None:
+    def record_failure(self, error: str, batch: Batch | None = None) -> str:
+        """Before the worker exits on ``batch`` (default: the current one): note it in
+        the failures topic; returns the line to log (which batch, which attempt)."""
+        batch = batch or self.current
+        if batch is None:
             return f"stage {self.stage_id}: {error}"
-        topic, partition, first, last = self.current
+        topic, partition, first, last = batch
         failure = self.failures.record(topic, partition, first, last, error)
         return (
             f"stage {self.stage_id}: {error} on {topic}[{partition}] offsets {first}-{last} "

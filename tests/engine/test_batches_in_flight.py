@@ -133,6 +133,20 @@ def test_no_more_than_in_flight_batches_wait_for_the_broker() -> None:
     asyncio.run(run())
 
 
+def test_landing_counts_the_batches_that_await_the_broker() -> None:
+    async def run() -> None:
+        producer = GatedAcks()
+        h = harness(producer, in_flight=4)
+        assert h.runner.landing == 0
+        reports = [await h.runner.handle(0, numbers(2 * b, 2)) for b in range(3)]
+        assert h.runner.landing == 3
+        producer.gate.set()
+        await asyncio.wait_for(asyncio.gather(*(r.landing for r in reports)), 2)  # type: ignore[misc]
+        assert h.runner.landing == 0
+
+    asyncio.run(run())
+
+
 def test_records_refused_for_good_become_dead_letters_in_the_landing() -> None:
     async def run() -> None:
         producer = MemoryProducer(
@@ -356,6 +370,24 @@ def test_without_overlap_the_batch_waits_for_its_hops() -> None:
         report = await asyncio.wait_for(task, 2)
         assert report.landing is None
         assert [p.topic for p in producer.log] == ["out", "lineage"]
+
+    asyncio.run(run())
+
+
+def test_hops_in_flight_are_counted_and_drained() -> None:
+    async def run() -> None:
+        producer = GatedHops()
+        h = hops_harness(producer, overlap=True)
+        for b in range(2):
+            await h.runner.handle(0, [record({"n": 2}, offset=b)])
+        assert h.runner.landing == 2
+        drained = asyncio.ensure_future(h.runner.drain())
+        await asyncio.sleep(0.05)
+        assert not drained.done()  # the hops have not landed
+        producer.gate.set()
+        await asyncio.wait_for(drained, 2)
+        assert h.runner.landing == 0
+        assert len([p for p in producer.log if p.topic == "lineage"]) == 2
 
     asyncio.run(run())
 

@@ -2,7 +2,10 @@
 lineage hops with ``runner.batches_in_flight`` above 1, its hops alone with
 ``runner.overlap_lineage``) while the next runs. On the real broker: a batch whose
 landing fails is never committed, though its outputs were written; the worker exits
-70, and after a restart the batch is processed again, nothing lost.
+70, and after a restart the batch is processed again, nothing lost. The batch that
+failed to land is noted in the failures topic like one a worker crashed on, so a
+worker that keeps failing there shows as crash-looping; while it waits,
+``pipeline_batches_in_flight`` counts it.
 
 The ``landing-fail`` failpoint waits (without blocking the worker) for several commit
 intervals after the batch's outputs were acknowledged and then fails the landing, as
@@ -19,6 +22,7 @@ import pytest
 from pipeline import contract
 from pipeline.kafka.clients import admin
 from pipeline.kafka.offsets import committed_offsets, read_topic
+from pipeline.obs.failures import read_failures
 from tests.integration.harness import (
     REGISTRY,
     Pipeline,
@@ -62,16 +66,32 @@ def test_a_batch_whose_landing_fails_is_not_committed_and_runs_again(broker, tmp
         written_at = time.monotonic()
         # the first batch's outputs are on the topic; its landing fails DELAY_S later:
         # meanwhile nothing of the partition may be committed
-        seen_commits = []
+        seen_commits, landing = [], []
         while first.alive() and time.monotonic() - written_at < DELAY_S - 1:
             seen_commits.append(committed_offsets(admin(settings), group, [(raw, 0)])[(raw, 0)])
+            if time.monotonic() - written_at < DELAY_S / 2:  # well before it fails
+                gauge = ("pipeline_batches_in_flight", (("stage", "parse"),))
+                landing.append(first.metrics()[gauge])
             time.sleep(0.3)
         assert seen_commits and set(seen_commits) == {None}, seen_commits
+        assert landing and min(landing) >= 1.0, landing  # the failing batch, waiting
         wait_for(lambda: not first.alive(), 60, "the failed landing to stop parse", pipe.logs)
         assert first.proc is not None and first.proc.returncode == 70, first.proc.returncode
         log = first.log_path.read_text()
         assert "failpoint landing-fail" in log and "exiting without commit" in log
+        assert f"{raw}[0] offsets 0-" in log and "(attempt 1 on this batch)" in log
         assert committed_offsets(admin(settings), group, [(raw, 0)])[(raw, 0)] is None
+        (failure,) = read_failures(settings, "parse")
+        assert (failure.topic, failure.partition, failure.offset) == (raw, 0, 0), failure
+        assert failure.attempts == 1 and "failpoint landing-fail" in failure.error, failure
+
+        # the same batch fails to land again: a crash loop, on record
+        again = pipe.start("parse", env={**env, "PIPELINE_FAILPOINT": "landing-fail:1@0.5"})
+        wait_for(lambda: not again.alive(), 60, "the second failed landing", pipe.logs)
+        assert again.proc is not None and again.proc.returncode == 70
+        assert "(attempt 2 on this batch)" in again.log_path.read_text()
+        (failure,) = read_failures(settings, "parse")
+        assert failure.offset == 0 and failure.looping, failure
         before = len(read_topic(settings, out))
 
         pipe.start("parse", env=env)
@@ -86,6 +106,10 @@ def test_a_batch_whose_landing_fails_is_not_committed_and_runs_again(broker, tmp
         assert set(lineage) == {b"L%d" % i for i in range(20)}  # nothing lost
         # the failed batch was written before the failure and again after the restart
         assert len(outputs) == before + 20 and before >= 1
+        # it landed this time: the record of the failure is cleared
+        wait_for(
+            lambda: read_failures(settings, "parse") == [], 30, "the failure cleared", pipe.logs
+        )
     finally:
         pipe.stop_all()
 
