@@ -179,6 +179,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"# Soak: four workers at their maximum rate for {result['minutes']:g} min",
         "",
         f"Commit {result['commit']}, {result['started']}; command: `{result['command']}`.",
+        f"Workers' environment beyond the e2e settings: {result.get('worker_env') or 'none'}.",
         f"Readings sent {result['sent']:,}, counted in windows {result['in_windows']:,}, "
         f"dead letters {result['dead_letters']:,}, lost {result['lost']:,}, counted twice "
         f"{result['counted_twice']:,}; aggregate rate "
@@ -207,6 +208,10 @@ def main() -> int:
     parser.add_argument("--backlog", type=int, default=100_000)
     parser.add_argument("--sample-s", type=float, default=10.0)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--env", action="append", default=[], help="KEY=VALUE for the workers (repeatable)"
+    )
+    parser.add_argument("--name", default="soak", help="results file name (without suffix)")
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="pipeline-soak-"))
     broker = start_embedded()
@@ -224,7 +229,9 @@ def main() -> int:
     samples: list[dict[str, Any]] = []
     code = 0
     try:
-        run = start_ours(bench, 1, SOAK_ENV)
+        extra = dict(pair.split("=", 1) for pair in args.env)
+        result["worker_env"] = extra
+        run = start_ours(bench, 1, {**SOAK_ENV, **extra})
         children = list(run.children.values())
         wait_until(settled(bench, run), 240, "the stages to settle", 0.2, children)
         settings = load_settings(kafka_bootstrap_servers=bench.bootstrap)
@@ -303,10 +310,10 @@ def main() -> int:
     for key in ("in_windows", "dead_letters", "lost", "counted_twice"):
         result.setdefault(key, 0)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "soak.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
     if "summary" in result:
         text = markdown(result)
-        (args.out / "soak.md").write_text(text)
+        (args.out / f"{args.name}.md").write_text(text)
         print(text)
     if code == 0 and not result["errors"]:
         shutil.rmtree(workdir, ignore_errors=True)
