@@ -209,9 +209,13 @@ class Progress:
 
 
 def sentinels(records: list[SimRecord]) -> tuple[list[tuple[bytes, bytes]], int]:
-    """One reading per device far ahead in event time (closes every earlier window),
-    and the start of the window they fall in."""
-    last_ts = max(orjson.loads(r.value)["ts"] for r in records[-DEVICES:])
+    """One reading per device far ahead in event time of ``records`` (closes every
+    earlier window), and the start of the window they fall in."""
+    return sentinels_after(max(orjson.loads(r.value)["ts"] for r in records[-DEVICES:]))
+
+
+def sentinels_after(last_ts: int) -> tuple[list[tuple[bytes, bytes]], int]:
+    """:func:`sentinels` for readings whose latest event time is ``last_ts``."""
     ts = last_ts + 10 * WINDOW_S * 1000
     out = []
     for i in range(1, DEVICES + 1):

@@ -36,8 +36,15 @@ from typing import Any
 
 import orjson
 from benchlib import rss_mb
-from data import DEVICES, delete_topics, ends
-from e2e import OUR_ENV, WINDOW_S, counted_in_windows, dead_letters, settled, start_ours
+from data import DEVICES, delete_topics, ends, produce_all
+from e2e import (
+    OUR_ENV,
+    counted_in_windows,
+    dead_letters,
+    sentinels_after,
+    settled,
+    start_ours,
+)
 from procs import (
     BenchError,
     CpuMeter,
@@ -190,10 +197,10 @@ def markdown(result: dict[str, Any]) -> str:
         "|---|---:|---:|---:|---:|---:|",
     ]
     for stage, w in s["workers"].items():
-        at1 = f"{w['at_1_min_mb']:.0f}" if w["at_1_min_mb"] else "-"
+        at1 = f"{w['at_1_min_mb']:.0f} MB" if w["at_1_min_mb"] else "-"
         sl = w["slope_mb_per_min_after_warmup"]
         lines.append(
-            f"| {stage} | {w['start_mb']:.0f} MB | {at1} MB | {w['end_mb']:.0f} MB | "
+            f"| {stage} | {w['start_mb']:.0f} MB | {at1} | {w['end_mb']:.0f} MB | "
             f"{w['peak_mb']:.0f} MB | {'-' if sl is None else f'{sl:+.2f} MB/min'} |"
         )
     lines += ["", f"Broker (embedded, in memory) RSS at the end: {s['broker_rss_end_mb']:.0f} MB."]
@@ -270,15 +277,8 @@ def main() -> int:
             return all((done.get(tp) or 0) >= e for tp, e in end.items()) and sum(end.values()) > 0
 
         wait_until(drained, 600, "the pipeline to drain", 1.0, children)
-        ahead = feeder.last_ts + 10 * WINDOW_S * 1000
-        client = producer(settings)
-        for device in feeder.ids:
-            metric, unit, mean, _ = metric_of(device)
-            doc = {"device_id": device, "ts": ahead, "seq": 10**9, "metric": metric}
-            produce_or_wait(client, run.landing, orjson.dumps({**doc, "value": mean, "unit": unit}),
-                            device.encode())  # fmt: skip
-        client.flush(30)
-        before = ahead - ahead % (WINDOW_S * 1000)
+        closing, before = sentinels_after(feeder.last_ts)
+        produce_all(settings, run.landing, ((k, v, None, None) for k, v in closing))
         counted = [0, 0]
 
         def complete() -> bool:

@@ -98,10 +98,11 @@ class FailureLog:
     def record(self, topic: str, partition: int, first: int, last: int, error: str) -> Failure:
         """Note a failed batch before the worker exits (blocking, bounded, best effort)."""
         before = self.known.get((topic, partition))
+        attempts = 1
         # the same batch again, or one that covers it (batch bounds after a restart
         # depend on what was committed and fetched)
-        again = before is not None and first <= before.offset <= last
-        attempts = before.attempts + 1 if before is not None and again else 1
+        if before is not None and first <= before.offset <= last:
+            attempts = before.attempts + 1
         now_ms = int(time.time() * 1000)
         failure = Failure(
             self.stage_id, topic, partition, first, last, attempts, error[:500], now_ms

@@ -41,7 +41,7 @@ from pipeline.obs import metrics
 from pipeline.obs.health import HEALTH
 from pipeline.obs.openlineage import StageLineage
 from pipeline.records import Record
-from pipeline.runtime.binding import Batch, StageBinding, to_record
+from pipeline.runtime.binding import Batch, StageBinding, describe, to_record
 from pipeline.runtime.faust_fixes import apply_faust_fixes
 from pipeline.runtime.lanes import LaneGovernor
 from pipeline.runtime.stage_app import StageApp
@@ -274,7 +274,7 @@ def _crash(
     and the attempt."""
     line = f"stage {stage_id}: {what}"
     if batch is not None:
-        line += f" on {batch[0]}[{batch[1]}] offsets {batch[2]}-{batch[3]}"
+        line += f" on {describe(batch)}"
     if binding is not None:
         try:
             line = binding.record_failure(what, batch)

@@ -46,6 +46,13 @@ log = logging.getLogger("pipeline.binding")
 #: a batch of one input partition: (topic, partition, first offset, last offset)
 Batch = tuple[str, int, int, int]
 
+
+def describe(batch: Batch) -> str:
+    """``topic[partition] offsets first-last``, for log lines."""
+    topic, partition, first, last = batch
+    return f"{topic}[{partition}] offsets {first}-{last}"
+
+
 _new_record = object.__new__
 # Record is a frozen dataclass: its __init__ sets each field through
 # object.__setattr__; the slots' own setters do the same at half the cost.
@@ -463,8 +470,7 @@ class StageBinding:
         """The batch being processed, for a log line."""
         if self.current is None:
             return None
-        topic, partition, first, last = self.current
-        return f"batch {topic}[{partition}] offsets {first}-{last}"
+        return f"batch {describe(self.current)}"
 
     async def _passed(self, topic: str, partition: int, first: int, last: int) -> None:
         loop = asyncio.get_running_loop()
@@ -491,7 +497,7 @@ class StageBinding:
         topic, partition, first, last = batch
         failure = self.failures.record(topic, partition, first, last, error)
         return (
-            f"stage {self.stage_id}: {error} on {topic}[{partition}] offsets {first}-{last} "
+            f"stage {self.stage_id}: {error} on {describe(batch)} "
             f"(attempt {failure.attempts} on this batch)"
         )
 
