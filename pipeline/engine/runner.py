@@ -35,7 +35,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from operator import attrgetter
 from typing import Any, Protocol
@@ -96,6 +96,15 @@ class BatchReport:
 
 log = logging.getLogger("pipeline.engine")
 _TOPIC = attrgetter("topic")
+
+
+def _final(report: BatchReport) -> BatchReport:
+    """A landing's result: its batch's report without the landing. The report itself
+    points at the landing, so returning it would make a reference cycle per batch,
+    which only the cycle collector frees; workers run it rarely (``GC_GEN0_THRESHOLD``),
+    and every batch's records stayed in memory until then (in the aggregate under
+    load, 30,000 records in 3 seconds)."""
+    return replace(report, landing=None)
 
 
 def _noop(name: str) -> None:
@@ -435,12 +444,12 @@ class StageRunner:
             await before
         if self.on_state is not None:
             self.on_state(partition, writes)
-        return report
+        return _final(report)
 
     async def _hops_land(self, hops: list[Partitioned], report: BatchReport) -> BatchReport:
         await self.landing_failpoint("landing-fail")
         await self.producer.send_batch((), hops)
-        return report
+        return _final(report)
 
     async def _after_refusal(
         self,

@@ -91,8 +91,13 @@ def tune_gc() -> None:
     scanned again; it lives as long as the process anyway), and a young collection
     runs every :data:`GC_GEN0_THRESHOLD` allocations: by then most of a batch's
     objects were freed by reference counting, which the collector does not scan.
-    Cycles are still collected, so memory stays bounded (garbage cycles wait for at
-    most that many allocations).
+    Cycles are still collected, but late: a cycle whose batch was still in flight at
+    a young collection is moved to an older generation and waits for its (much
+    rarer) collection. So a batch's path must not make reference cycles; its objects
+    are then freed by reference counting as soon as it landed. A cycle per batch
+    (a report whose landing's result was the report itself) held 30,000 records in
+    the aggregate under load and 60 to 90 MB of its RSS; the engine tests check that a
+    landed batch leaves no cyclic garbage.
     """
     gc.collect()
     gc.freeze()

@@ -13,7 +13,9 @@ landing completed.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator, Sequence
+import gc
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 
 import pytest
 
@@ -418,3 +420,46 @@ def test_a_stateful_batch_never_overlaps_its_state_writes() -> None:
         assert (await asyncio.wait_for(task, 2)).landing is None
 
     asyncio.run(run())
+
+
+def _cyclic_garbage(run: Callable[[], Awaitable[None]]) -> Counter[str]:
+    """What ``run`` leaves that only the cycle collector frees, by type name.
+
+    Workers collect cycles rarely (``GC_GEN0_THRESHOLD``): a batch kept alive by a
+    reference cycle holds its records well after it landed.
+    """
+    gc.collect()
+    gc.disable()
+    try:
+        asyncio.run(run())
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        gc.collect()
+        found = Counter(type(o).__name__ for o in gc.garbage)
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    return found
+
+
+@pytest.mark.parametrize("kind", ["stateless", "stateful", "hops only"])
+def test_a_landed_batch_is_freed_without_the_cycle_collector(kind: str) -> None:
+    """A batch's report, its records and its landing are freed by reference counting
+    once the batch landed and nobody holds the report; before, the landing's result
+    was the report that pointed at the landing (a cycle per batch)."""
+
+    async def run() -> None:
+        producer = GatedAcks()
+        if kind == "stateful":
+            h = stateful(producer)
+        else:
+            h = harness(producer, in_flight=4 if kind == "stateless" else 1)
+        producer.gate.set()
+        for n in range(5):
+            report = await asyncio.wait_for(h.runner.handle(0, numbers(n * 4, 4)), 2)
+            assert report.landing is not None  # something was left in flight
+            await asyncio.wait_for(report.landing, 2)
+        await h.runner.drain()
+
+    garbage = _cyclic_garbage(run)
+    assert not {t: garbage[t] for t in ("BatchReport", "Record", "BatchResult") if garbage[t]}

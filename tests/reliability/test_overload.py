@@ -14,11 +14,13 @@ GROWTH_LIMIT_MIB between a third of the peak lag and the peak, while the backlog
 triples; ingest's repeat cache is capped lower than by default, see DEDUP_MAX_KEYS);
 the lag grows and drains to 0; 0 readings lost and the windows equal a
 batch recomputation. The figures are printed and written to
-``reliability-figures.json`` under the test's tmp dir.
+``reliability-figures.json`` under the test's tmp dir, the samples to
+``reliability-samples.json``.
 """
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from typing import Any
@@ -197,6 +199,7 @@ def test_overload_keeps_memory_bounded_and_the_lag_drains(broker, tmp_path):
         drain_capacity = sampler.throughput(stopped, drained)
         sampler.stopping.set()
         sampler.join()
+        (tmp_path / "reliability-samples.json").write_text(json.dumps(sampler.samples))
         assert_windows_match(feeder.sent, got)
         assert not dead_letters(settings, "aggregate"), "a reading was reported late"
         samples = sampler.samples
