@@ -34,6 +34,7 @@ from typing import Any
 
 import orjson
 
+from pipeline.records import fitted
 from pipeline.stage import LIVE, Codec
 
 _MISSING: Any = object()
@@ -209,14 +210,14 @@ class LaneState:
         partition, lane = self.partition, self.lane
         encode = codec.encode
         data = self._data
+        # the table keeps these until the next write of the key: fitted, see fitted()
         for key in self._dirty:
-            out.append((state_key(partition, lane, key), encode(data[key])))
+            out.append((fitted(state_key(partition, lane, key)), fitted(encode(data[key]))))
         for key, value in self._last_set.items():
-            out.append((state_key(partition, lane, key), encode(value)))
+            out.append((fitted(state_key(partition, lane, key)), fitted(encode(value))))
         if self._wm_dirty:
-            out.append(
-                (watermark_key(partition, lane), orjson.dumps({"watermark": self.watermark}))
-            )
+            mark = orjson.dumps({"watermark": self.watermark})
+            out.append((fitted(watermark_key(partition, lane)), fitted(mark)))
         for key in self._deleted:
             out.append((state_key(partition, lane, key), None))
         self._dirty.clear()
