@@ -48,20 +48,22 @@ def _hashable(key: Any) -> Any:
     return key
 
 
+# Keys and values of the table are kept as long as the key lives: fitted (see
+# pipeline.records.fitted), not in orjson's 4 KiB buffers.
 def state_key(partition: int, lane: str, key: Any) -> bytes:
-    return orjson.dumps(["s", partition, lane, key])
+    return fitted(orjson.dumps(["s", partition, lane, key]))
 
 
 def watermark_key(partition: int, lane: str) -> bytes:
-    return orjson.dumps(["wm", partition, lane])
+    return fitted(orjson.dumps(["wm", partition, lane]))
 
 
 def ended_key(partition: int, lane: str) -> bytes:
-    return orjson.dumps(["end", partition, lane])
+    return fitted(orjson.dumps(["end", partition, lane]))
 
 
 def fence_key(partition: int, topic: str) -> bytes:
-    return orjson.dumps(["in", partition, topic])
+    return fitted(orjson.dumps(["in", partition, topic]))
 
 
 class LaneState:
@@ -210,14 +212,13 @@ class LaneState:
         partition, lane = self.partition, self.lane
         encode = codec.encode
         data = self._data
-        # the table keeps these until the next write of the key: fitted, see fitted()
         for key in self._dirty:
-            out.append((fitted(state_key(partition, lane, key)), fitted(encode(data[key]))))
+            out.append((state_key(partition, lane, key), fitted(encode(data[key]))))
         for key, value in self._last_set.items():
-            out.append((fitted(state_key(partition, lane, key)), fitted(encode(value))))
+            out.append((state_key(partition, lane, key), fitted(encode(value))))
         if self._wm_dirty:
             mark = orjson.dumps({"watermark": self.watermark})
-            out.append((fitted(watermark_key(partition, lane)), fitted(mark)))
+            out.append((watermark_key(partition, lane), fitted(mark)))
         for key in self._deleted:
             out.append((state_key(partition, lane, key), None))
         self._dirty.clear()
