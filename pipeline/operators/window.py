@@ -48,6 +48,7 @@ import base64
 import heapq
 import sys
 from array import array
+from bisect import bisect_left
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from hashlib import blake2b
@@ -74,6 +75,45 @@ def fingerprint(lineage: bytes) -> int:
     """A lineage id (UTF-8) as the 64-bit number a window keeps (stable across
     processes and versions: it is in the changelog)."""
     return _from_bytes(blake2b(lineage, digest_size=8).digest(), "little")
+
+
+class Fingerprints:
+    """A window's fingerprints: packed (8 bytes each, sorted) and, added since they
+    were last packed, in a set. A set of ints alone took ≈ 60 bytes per id; the
+    packing runs when the window is encoded, once per batch that touched it."""
+
+    __slots__ = ("fresh", "packed")
+
+    def __init__(self, packed: array[int] | None = None) -> None:
+        self.packed: array[int] = array("Q") if packed is None else packed
+        self.fresh: set[int] = set()
+
+    def add(self, fp: int) -> None:
+        self.fresh.add(fp)
+
+    def __contains__(self, fp: object) -> bool:
+        if fp in self.fresh:
+            return True
+        packed = self.packed
+        i = bisect_left(packed, cast(int, fp))
+        return i < len(packed) and bool(packed[i] == fp)
+
+    def __len__(self) -> int:
+        return len(self.packed) + len(self.fresh)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Fingerprints) and self.pack() == other.pack()
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def pack(self) -> array[int]:
+        """All of them, sorted (packs what was added since last time)."""
+        if self.fresh:
+            merged = array("Q", self.packed)
+            merged.extend(self.fresh)
+            self.packed = array("Q", sorted(merged))
+            self.fresh = set()
+        return self.packed
 
 
 @dataclass(frozen=True)
@@ -145,7 +185,7 @@ class Window:
     last_lineage_id: str = ""
     custom: dict[str, Any] = field(default_factory=dict)
     #: the lineage ids counted, as fingerprints (:func:`fingerprint`)
-    seen: set[int] = field(default_factory=set)
+    seen: Fingerprints = field(default_factory=Fingerprints)
     closed: bool = False
     #: times emitted (the last emission's ``version``)
     version: int = 0
@@ -179,8 +219,9 @@ class WindowCodec:
 
     def encode(self, window: Window) -> bytes:
         doc = {s: getattr(window, s) for s in Window.__slots__ if s != "seen"}
-        packed = array("Q", sorted(window.seen))
+        packed = window.seen.pack()
         if sys.byteorder == "big":
+            packed = array("Q", packed)
             packed.byteswap()
         doc["seen"] = base64.b64encode(packed.tobytes()).decode("ascii")
         return orjson.dumps(doc)
@@ -189,12 +230,13 @@ class WindowCodec:
         doc = orjson.loads(raw)
         doc["key"] = tuple(doc["key"])
         if "ids" in doc:  # written before fingerprints
-            doc["seen"] = {fingerprint(i.encode()) for i in doc.pop("ids")}
+            ids = {fingerprint(i.encode()) for i in doc.pop("ids")}
+            doc["seen"] = Fingerprints(array("Q", sorted(ids)))
         else:
             packed = array("Q", base64.b64decode(doc["seen"]))
             if sys.byteorder == "big":
                 packed.byteswap()
-            doc["seen"] = set(packed)
+            doc["seen"] = Fingerprints(packed)
         if "version" not in doc:  # written before versions: a closed window was emitted
             doc["version"] = 1 if doc.get("closed") else 0
         return Window(**doc)

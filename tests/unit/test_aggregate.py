@@ -356,3 +356,33 @@ def test_a_changelog_written_with_lineage_ids_is_read_by_fingerprint() -> None:
     assert copy.seen == window.seen and b'"ids"' not in b"".join(
         v or b"" for v in rewritten.values()
     )
+
+
+def test_fingerprints_are_found_before_and_after_packing_in_8_bytes_each() -> None:
+    import random
+    import tracemalloc
+
+    from pipeline.operators.window import Fingerprints
+
+    rng = random.Random(3)
+    numbers = [rng.getrandbits(64) for _ in range(10_000)]
+    absent = [rng.getrandbits(64) for _ in range(1_000)]
+    tracemalloc.start()
+    try:
+        fps = Fingerprints()
+        for i, n in enumerate(numbers):
+            fps.add(n)
+            if i % 1_000 == 999:
+                fps.pack()  # as a batch's encoding does
+                assert n in fps and numbers[0] in fps
+        fps.pack()
+        held = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert len(fps) == 10_000 and all(n in fps for n in numbers)
+    assert not any(n in fps for n in absent)
+    assert held < 12 * 10_000, held  # a set of ints: about 60 bytes each
+    again = Fingerprints()
+    for n in reversed(numbers):
+        again.add(n)
+    assert again == fps and list(fps.pack()) == sorted(numbers)
