@@ -102,7 +102,9 @@ class Fingerprints:
         return len(self.packed) + len(self.fresh)
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Fingerprints) and self.pack() == other.pack()
+        if not isinstance(other, Fingerprints):
+            return NotImplemented
+        return self.pack() == other.pack()
 
     __hash__ = None  # type: ignore[assignment]
 
@@ -340,7 +342,8 @@ class WindowedAggregate:
                 record.timestamp_ms, record.topic, record.partition, record.offset
             )
             raw = lineage.encode()
-        seen = fingerprint(raw)
+        # the bytes _process fingerprints (lineage.encode()): the same for an ASCII id
+        seen = fingerprint(raw if raw.isascii() else lineage.encode())
         size = self.size_ms
         start = ts - ts % size
         wkey = (*key, start)

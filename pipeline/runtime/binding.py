@@ -97,7 +97,8 @@ def tune_gc() -> None:
     are then freed by reference counting as soon as it landed. A cycle per batch
     (a report whose landing's result was the report itself) held 30,000 records in
     the aggregate under load and 60 to 90 MB of its RSS; the engine tests check that a
-    landed batch leaves no cyclic garbage.
+    landed batch leaves no cyclic garbage. (A landing that fails still leaves one, via
+    its exception's traceback; the worker exits then.)
     """
     gc.collect()
     gc.freeze()

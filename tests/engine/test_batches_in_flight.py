@@ -446,7 +446,8 @@ def _cyclic_garbage(run: Callable[[], Awaitable[None]]) -> Counter[str]:
 def test_a_landed_batch_is_freed_without_the_cycle_collector(kind: str) -> None:
     """A batch's report, its records and its landing are freed by reference counting
     once the batch landed and nobody holds the report; before, the landing's result
-    was the report that pointed at the landing (a cycle per batch)."""
+    was the report that pointed at the landing (a cycle per batch: the stateful and
+    hops-only landings; the stateless one, which builds a new report, is a guard)."""
 
     async def run() -> None:
         producer = GatedAcks()
