@@ -52,6 +52,7 @@ from bisect import bisect_left
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from hashlib import blake2b
+from itertools import chain
 from operator import itemgetter
 from typing import Any, Literal, cast
 
@@ -111,11 +112,24 @@ class Fingerprints:
     def pack(self) -> array[int]:
         """All of them, sorted (packs what was added since last time)."""
         if self.fresh:
-            merged = array("Q", self.packed)
-            merged.extend(self.fresh)
-            self.packed = array("Q", sorted(merged))
+            self.packed = array("Q", sorted(chain(self.packed, self.fresh)))
             self.fresh = set()
         return self.packed
+
+
+def _little_endian(packed: array[int]) -> bytes:
+    """Packed fingerprints as the changelog has them (little-endian)."""
+    if sys.byteorder == "big":
+        packed = array("Q", packed)
+        packed.byteswap()
+    return packed.tobytes()
+
+
+def _from_little_endian(data: bytes) -> array[int]:
+    packed = array("Q", data)
+    if sys.byteorder == "big":
+        packed.byteswap()
+    return packed
 
 
 @dataclass(frozen=True)
@@ -221,11 +235,7 @@ class WindowCodec:
 
     def encode(self, window: Window) -> bytes:
         doc = {s: getattr(window, s) for s in Window.__slots__ if s != "seen"}
-        packed = window.seen.pack()
-        if sys.byteorder == "big":
-            packed = array("Q", packed)
-            packed.byteswap()
-        doc["seen"] = base64.b64encode(packed.tobytes()).decode("ascii")
+        doc["seen"] = base64.b64encode(_little_endian(window.seen.pack())).decode("ascii")
         return orjson.dumps(doc)
 
     def decode(self, raw: bytes) -> Window:
@@ -235,10 +245,7 @@ class WindowCodec:
             ids = {fingerprint(i.encode()) for i in doc.pop("ids")}
             doc["seen"] = Fingerprints(array("Q", sorted(ids)))
         else:
-            packed = array("Q", base64.b64decode(doc["seen"]))
-            if sys.byteorder == "big":
-                packed.byteswap()
-            doc["seen"] = Fingerprints(packed)
+            doc["seen"] = Fingerprints(_from_little_endian(base64.b64decode(doc["seen"])))
         if "version" not in doc:  # written before versions: a closed window was emitted
             doc["version"] = 1 if doc.get("closed") else 0
         return Window(**doc)
@@ -337,13 +344,14 @@ class WindowedAggregate:
         if headers and headers[0][0] == _LINEAGE:  # where the engine and ingest put it
             raw = headers[0][1]
             lineage = raw.decode("ascii", "replace")
+            if not raw.isascii():  # fingerprint what _process does: lineage.encode()
+                raw = lineage.encode()
         else:
             lineage = record.lineage_id or contract.entry_lineage_id(
                 record.timestamp_ms, record.topic, record.partition, record.offset
             )
             raw = lineage.encode()
-        # the bytes _process fingerprints (lineage.encode()): the same for an ASCII id
-        seen = fingerprint(raw if raw.isascii() else lineage.encode())
+        seen = fingerprint(raw)
         size = self.size_ms
         start = ts - ts % size
         wkey = (*key, start)

@@ -144,7 +144,8 @@ def stream(n: int, seed: int) -> list[Record]:
     for i in range(n):
         ts = i * 700 + rng.randrange(0, 14_000)  # disorder beyond window + lateness: some late
         device = f"d{rng.randrange(3)}"
-        records.append(r(ts, float(rng.randrange(100)), f"id{i}", device=device))
+        lineage = f"id{i}" if i % 7 else f"id{i}\u00e9"  # a few not ASCII
+        records.append(r(ts, float(rng.randrange(100)), lineage, device=device))
         if rng.random() < 0.1:  # at-least-once duplicate: written again upstream
             records.append(dataclasses.replace(records[-1], offset=next(_offset)))
     return records
