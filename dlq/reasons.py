@@ -23,6 +23,7 @@ PROCESSING_ERROR = "processing_error"
 UNWRITABLE = "unwritable"
 LATE = "late"
 DECODE_ERROR = "decode_error"
+STATE_UNREADABLE = "state_unreadable"
 
 #: the framework's reasons, declared for every stage
 FRAMEWORK = MappingProxyType(
@@ -31,5 +32,7 @@ FRAMEWORK = MappingProxyType(
         UNWRITABLE: "the broker refused the record for good (too large, invalid)",
         LATE: "for state already emitted: a closed event-time window, or an ended backfill lane",
         DECODE_ERROR: "not the payload the stage reads (not JSON, not UTF-8)",
+        STATE_UNREADABLE: "a record of the stage's state changelog that could not be read "
+        "when loaded: moved here and deleted from the state (what it held starts empty)",
     }
 )

@@ -20,6 +20,7 @@ from confluent_kafka import (
 from dlq import envelope
 from dlq.original import OriginalGone, original_value
 from dlq.read import Filters, Header, StoredDeadLetter, iter_dead_letters, topic_partitions
+from dlq.reasons import STATE_UNREADABLE
 from dlq.retry import PREFIX as RETRY_PREFIX
 from pipeline.errors import BrokerError, PipelineError
 from pipeline.kafka.clients import admin, producer
@@ -139,6 +140,13 @@ def replay(
     values: dict[str, bytes | None] = {}
     limit = input_limit(settings, target)
     for letter in to_send:
+        if letter.reason == STATE_UNREADABLE:
+            skipped[letter.ref] = (
+                f"dead letter {letter.ref}: a record of stage {stage}'s state, not an input "
+                f"record; it cannot be replayed into {target} (read it with `pipeline dlq "
+                "show`; the state starts empty where it was)"
+            )
+            continue
         try:
             value = values[letter.ref] = original_value(settings, letter)
         except OriginalGone as exc:

@@ -42,7 +42,7 @@ from typing import Any, Protocol
 
 from dlq.budget import Budget
 from dlq.envelope import MAX_PAYLOAD_BYTES, DeadLetter, dead_letter_record
-from dlq.reasons import UNWRITABLE
+from dlq.reasons import STATE_UNREADABLE, UNWRITABLE
 from pipeline.engine.result import BatchResult
 from pipeline.engine.retry import route_retries
 from pipeline.errors import InvalidMessage, RecordsRefused
@@ -545,6 +545,58 @@ class StageRunner:
         if self.on_state is not None and result.writes:
             self.on_state(partition, result.writes)
         return self._report((), result, [], topics)
+
+    async def quarantine(self, partition: int) -> BatchReport | None:
+        """Move the state records of ``partition`` that its load could not read to the
+        stage's dead-letter topic (``state_unreadable``, the record's key and value as
+        they were), then delete them from the changelog and the table, in that order:
+        one unreadable record neither stops the partition (a worker that crashed on
+        it would crash again on every restart) nor disappears unseen. None when the
+        load read everything."""
+        take = getattr(self.engine, "take_unreadable", None)
+        topic = self.spec.state_topic
+        found = take(partition) if take is not None else []
+        if not found or topic is None:
+            return None
+        now_ms = int(self.clock() * 1000)
+        result = self.engine.new_result()
+        for bad in found:
+            result.dead.append(
+                DeadLetter(
+                    stage=self.stage_id,
+                    reason=STATE_UNREADABLE,
+                    error_class=bad.error_class,
+                    error_message=f"state record of partition {partition} could not be read "
+                    f"({bad.error}); it was deleted from the state, which starts empty there",
+                    key=bad.key,
+                    value=bad.value,
+                    headers=(),
+                    topic=topic,
+                    partition=partition,
+                    offset=-1,
+                    timestamp_ms=now_ms,
+                )
+            )
+        await self.producer.send_batch([self._dead_letter(d, now_ms) for d in result.dead])
+        tombstones: list[tuple[bytes, bytes | None]] = [(bad.key, None) for bad in found]
+        await self.producer.send_batch([], [(topic, partition, k, v) for k, v in tombstones])
+        if self.on_state is not None:
+            self.on_state(partition, tombstones)
+        log.error(
+            "stage %s, partition %d: %d state records could not be read (first: %s: %s); "
+            "they were moved to %s (reason %s) and deleted from the state. Inspect with "
+            "`pipeline dlq list --stage %s --reason %s`.",
+            self.stage_id,
+            partition,
+            len(found),
+            found[0].error_class,
+            found[0].error,
+            self.spec.dlq,
+            STATE_UNREADABLE,
+            self.stage_id,
+            STATE_UNREADABLE,
+        )
+        return self._report((), result, [], [])
 
     async def flush(self) -> BatchReport | None:
         """Let a sink flush what is due (time-based rolling); deliver its dead letters

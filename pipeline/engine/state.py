@@ -25,11 +25,23 @@ batch, re-delivered, finds the marker expired again (the clock only moves on).
 Changelog keys are JSON arrays: ``["s", partition, lane, key]``,
 ``["wm", partition, lane]``, ``["end", partition, lane]`` (value ``{"at": ms}``;
 ``{}`` as written before: ended when loaded), ``["in", partition, topic]``.
+
+A record of a partition whose value cannot be read (corrupt bytes, a layout this
+release does not know, a stage codec that raises on it) does not stop the load: it
+is set aside in :attr:`PartitionStore.unreadable`, and the runner moves it to the
+stage's dead-letter topic (``state_unreadable``) and deletes it from the changelog
+(:meth:`pipeline.engine.runner.StageRunner.quarantine`). What it held starts empty:
+a value's key, a lane's watermark (taken again from the next records), a fence
+(records already in the state are recognised by what the stage keeps, e.g. a
+window's lineage ids). An ``ended`` marker that cannot be read counts as ended when
+loaded (a later record of that lane is late), as an empty one always did.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -40,6 +52,18 @@ from pipeline.stage import LIVE, Codec
 _MISSING: Any = object()
 
 Write = tuple[bytes, bytes | None]
+
+log = logging.getLogger("pipeline.engine")
+
+
+@dataclass(frozen=True, slots=True)
+class Unreadable:
+    """A changelog record of a partition whose value could not be read."""
+
+    key: bytes
+    value: bytes
+    error_class: str
+    error: str
 
 
 def _hashable(key: Any) -> Any:
@@ -247,6 +271,7 @@ class PartitionStore:
         "last_live_input_at",
         "on_new",
         "partition",
+        "unreadable",
     )
 
     def __init__(
@@ -265,6 +290,8 @@ class PartitionStore:
         self.last_live_input_at = now
         self.idle_since: float | None = None
         self.idle_base: int | None = None
+        #: changelog records of this partition that could not be read when loaded
+        self.unreadable: list[Unreadable] = []
 
     @property
     def live(self) -> LaneState:
@@ -282,28 +309,59 @@ class PartitionStore:
 def load_partition(
     partition: int, items: Iterable[tuple[bytes, bytes]], codec: Codec, now: float
 ) -> PartitionStore:
-    """A partition's state rebuilt from changelog items (key, value)."""
+    """A partition's state rebuilt from changelog items (key, value); values that
+    cannot be read are set aside in ``unreadable`` (see the module docstring)."""
     store = PartitionStore(partition, now)
+    foreign = 0
     for raw_key, raw_value in items:
         try:
             key = orjson.loads(raw_key)
         except orjson.JSONDecodeError:
+            foreign += 1
             continue
         if not isinstance(key, list) or len(key) < 3 or key[1] != partition:
             continue
         kind = key[0]
-        if kind == "s" and len(key) == 4:
-            store.lane(key[2]).load_value(_hashable(key[3]), codec.decode(raw_value))
-        elif kind == "wm":
-            store.lane(key[2]).load_watermark(orjson.loads(raw_value)["watermark"])
-        elif kind == "end":
-            at = orjson.loads(raw_value).get("at") if raw_value else None
-            store.ended[key[2]] = at if isinstance(at, int) else int(now * 1000)
-        elif kind == "in":
-            store.fences[key[2]] = orjson.loads(raw_value)["next"]
+        try:
+            if kind == "s" and len(key) == 4:
+                store.lane(key[2]).load_value(_hashable(key[3]), codec.decode(raw_value))
+            elif kind == "wm":
+                store.lane(key[2]).load_watermark(_int_field(raw_value, "watermark"))
+            elif kind == "end":
+                store.ended[key[2]] = _ended_at(raw_value, now)
+            elif kind == "in":
+                store.fences[key[2]] = _int_field(raw_value, "next")
+        except Exception as exc:
+            store.unreadable.append(
+                Unreadable(raw_key, raw_value, type(exc).__name__, str(exc)[:300])
+            )
+    if foreign:
+        log.warning(
+            "partition %d: %d state records whose key is not the framework's JSON array "
+            "were skipped (written by something else to the changelog?)",
+            partition,
+            foreign,
+        )
     for lane in store.ended:
         store.lanes.pop(lane, None)
     return store
+
+
+def _int_field(raw: bytes, name: str) -> int:
+    doc = orjson.loads(raw)
+    value = doc.get(name) if isinstance(doc, dict) else None
+    if type(value) is not int:  # a bool or a float is not an offset or a time
+        raise ValueError(f"{name!r} is not an integer in {raw[:80]!r}")
+    return value
+
+
+def _ended_at(raw: bytes, now: float) -> int:
+    """When an ``ended`` marker says its lane ended; when loaded, if it does not say."""
+    try:
+        at = orjson.loads(raw).get("at") if raw else None
+    except (orjson.JSONDecodeError, AttributeError):
+        at = None
+    return at if type(at) is int else int(now * 1000)
 
 
 def ended_value(at_ms: int) -> bytes:

@@ -37,6 +37,7 @@ from pipeline.engine.result import BatchResult
 from pipeline.engine.state import (
     LaneState,
     PartitionStore,
+    Unreadable,
     ended_key,
     ended_value,
     expired_lanes,
@@ -107,6 +108,14 @@ class StatefulEngine(Engine):
 
     def drop(self, partition: int) -> None:
         self.stores.pop(partition, None)
+
+    def take_unreadable(self, partition: int) -> list[Unreadable]:
+        """The changelog records of ``partition`` its last load could not read (once)."""
+        store = self.stores.get(partition)
+        if store is None or not store.unreadable:
+            return []
+        found, store.unreadable = store.unreadable, []
+        return found
 
     def _store(self, partition: int) -> PartitionStore:
         store = self.stores.get(partition)

@@ -549,6 +549,9 @@ class StageBinding:
             return
         await self.runner.drain()
         self.engine.load(partition, [(k, v) for k, v in self.table.data.items() if v])
+        quarantined = await self.runner.quarantine(partition)
+        if quarantined is not None:
+            self._account(quarantined, None)
         self._loaded[partition] = generation
 
     def _apply_state(self, partition: int, writes: list[tuple[bytes, bytes | None]]) -> None:

@@ -376,9 +376,10 @@ class StageHarness:
         """One batch of ``partition`` through the stage, delivered; raises what a
         worker would (BudgetExceeded; the bug, with ``on_error: crash``)."""
         batch = list(records)
+        start = len(self.producer.log)
         if self.engine.stateful and partition not in self.engine.stores:
             self.engine.load(partition, list(self.state.items()))
-        start = len(self.producer.log)
+            asyncio.run(self.runner.quarantine(partition))  # unreadable state: dead letters
         report = asyncio.run(self.runner.handle(partition, batch))
         return self._collect(start, report)
 

@@ -293,7 +293,7 @@ def one_error_line(result) -> str:
         (
             ["list", "--reason", "bogus"],
             "unknown reason 'bogus'; choose from: processing_error, unwritable, late, "
-            "decode_error, empty, too_large",
+            "decode_error, state_unreadable, empty, too_large",
         ),
         (["list", "--stage", "transform"], "unknown stage 'transform'"),
         (
