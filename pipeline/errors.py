@@ -103,3 +103,8 @@ class BudgetExceeded(PipelineError):
 
 class StageStopped(PipelineError):
     """The stage has stopped consuming (dead-letter budget); the batch was not delivered."""
+
+
+class StateUnreadable(PipelineError):
+    """Too many of a partition's state records cannot be read to set them aside one by
+    one (a codec or version problem, not a corrupt record): the load stops."""

@@ -34,7 +34,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
 from operator import attrgetter
@@ -546,19 +546,31 @@ class StageRunner:
             self.on_state(partition, result.writes)
         return self._report((), result, [], topics)
 
+    async def load(
+        self, partition: int, items: Iterable[tuple[bytes, bytes]]
+    ) -> BatchReport | None:
+        """(Re)load a stateful stage's partition from its changelog items, then
+        :meth:`quarantine` what the load could not read. Returns the quarantine's report
+        (its dead letters), or None."""
+        self.engine.load(partition, items)
+        return await self.quarantine(partition)
+
     async def quarantine(self, partition: int) -> BatchReport | None:
         """Move the state records of ``partition`` that its load could not read to the
         stage's dead-letter topic (``state_unreadable``, the record's key and value as
         they were), then delete them from the changelog and the table, in that order:
         one unreadable record neither stops the partition (a worker that crashed on
-        it would crash again on every restart) nor disappears unseen. None when the
-        load read everything."""
-        take = getattr(self.engine, "take_unreadable", None)
+        it would crash again on every restart) nor disappears unseen. A record too
+        large for the dead-letter topic whole is dead-lettered cut short and *not*
+        deleted (it is reported again at the next load, until the stage writes that
+        key again). None when the load read everything."""
         topic = self.spec.state_topic
-        found = take(partition) if take is not None else []
+        unreadable = getattr(self.engine, "unreadable", None)
+        found = unreadable(partition) if unreadable is not None and topic else []
         if not found or topic is None:
             return None
         now_ms = int(self.clock() * 1000)
+        limit = self._limit(self.spec.dlq)
         result = self.engine.new_result()
         for bad in found:
             result.dead.append(
@@ -577,14 +589,18 @@ class StageRunner:
                     timestamp_ms=now_ms,
                 )
             )
-        await self.producer.send_batch([self._dead_letter(d, now_ms) for d in result.dead])
-        tombstones: list[tuple[bytes, bytes | None]] = [(bad.key, None) for bad in found]
-        await self.producer.send_batch([], [(topic, partition, k, v) for k, v in tombstones])
-        if self.on_state is not None:
-            self.on_state(partition, tombstones)
+        await self.producer.send_batch([self._dead_letter(d, now_ms, limit) for d in result.dead])
+        # what the dead-letter topic took whole (with room for the envelope) is deleted
+        whole = [b for b in found if len(b.key) + len(b.value) + _ENVELOPE_ROOM <= limit]
+        tombstones: list[tuple[bytes, bytes | None]] = [(b.key, None) for b in whole]
+        if tombstones:
+            await self.producer.send_batch([], [(topic, partition, k, v) for k, v in tombstones])
+            if self.on_state is not None:
+                self.on_state(partition, tombstones)
+        self.engine.quarantined(partition, len(found))
         log.error(
             "stage %s, partition %d: %d state records could not be read (first: %s: %s); "
-            "they were moved to %s (reason %s) and deleted from the state. Inspect with "
+            "they were moved to %s (reason %s)%s. Inspect with "
             "`pipeline dlq list --stage %s --reason %s`.",
             self.stage_id,
             partition,
@@ -593,6 +609,9 @@ class StageRunner:
             found[0].error,
             self.spec.dlq,
             STATE_UNREADABLE,
+            " and deleted from the state"
+            if len(whole) == len(found)
+            else f"; {len(found) - len(whole)} too large to keep whole there stay in the state",
             self.stage_id,
             STATE_UNREADABLE,
         )
@@ -653,6 +672,10 @@ class StageRunner:
         for letter in result.dead:
             dead[letter.reason] = dead.get(letter.reason, 0) + 1
         return BatchReport(records, result, len(retries), produced, dead)
+
+
+#: room left for a dead letter's envelope headers when judging whether a record fits
+_ENVELOPE_ROOM = 4096
 
 
 def _header_bytes(headers: Sequence[tuple[str, bytes]]) -> int:

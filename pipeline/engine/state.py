@@ -26,15 +26,21 @@ Changelog keys are JSON arrays: ``["s", partition, lane, key]``,
 ``["wm", partition, lane]``, ``["end", partition, lane]`` (value ``{"at": ms}``;
 ``{}`` as written before: ended when loaded), ``["in", partition, topic]``.
 
-A record of a partition whose value cannot be read (corrupt bytes, a layout this
-release does not know, a stage codec that raises on it) does not stop the load: it
-is set aside in :attr:`PartitionStore.unreadable`, and the runner moves it to the
-stage's dead-letter topic (``state_unreadable``) and deletes it from the changelog
+A record of a partition whose value cannot be read (corrupt bytes, a stage codec
+that raises on it or a window that is not one) does not stop the load: it is set
+aside in :attr:`PartitionStore.unreadable`, and the runner moves it to the stage's
+dead-letter topic (``state_unreadable``) and deletes it from the changelog
 (:meth:`pipeline.engine.runner.StageRunner.quarantine`). What it held starts empty:
 a value's key, a lane's watermark (taken again from the next records), a fence
-(records already in the state are recognised by what the stage keeps, e.g. a
-window's lineage ids). An ``ended`` marker that cannot be read counts as ended when
-loaded (a later record of that lane is late), as an empty one always did.
+(re-delivered records are then recognised only by what the stage keeps: a window
+still held knows its lineage ids; a record of a window already emitted and
+forgotten is ``late``; a stage that keeps nothing of the kind counts it again). An
+``ended`` marker that cannot be read counts as ended when loaded (a later record of
+that lane is late), as an empty one always did. More than :data:`QUARANTINE_MAX`
+unreadable records in one load, or (from 3 on) more than half of the partition's,
+is not a corrupt record but a codec or version problem: the load raises
+:class:`~pipeline.errors.StateUnreadable` and sets nothing aside, as a bug in a
+stage stops it rather than dead-lettering everything.
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ from typing import Any
 
 import orjson
 
+from pipeline.errors import StateUnreadable
 from pipeline.records import fitted
 from pipeline.stage import LIVE, Codec
 
@@ -306,13 +313,21 @@ class PartitionStore:
         return state
 
 
+#: at most this many unreadable records of a partition are set aside in one load,
+#: and from 3 on at most half of its records: more is a codec or version problem,
+#: and setting them aside would empty the state (the load raises instead)
+QUARANTINE_MAX = 10
+
+
 def load_partition(
     partition: int, items: Iterable[tuple[bytes, bytes]], codec: Codec, now: float
 ) -> PartitionStore:
     """A partition's state rebuilt from changelog items (key, value); values that
-    cannot be read are set aside in ``unreadable`` (see the module docstring)."""
+    cannot be read are set aside in ``unreadable`` (see the module docstring).
+    :class:`~pipeline.errors.StateUnreadable` if there are too many of them
+    (:data:`QUARANTINE_MAX`)."""
     store = PartitionStore(partition, now)
-    foreign = 0
+    foreign = total = 0
     for raw_key, raw_value in items:
         try:
             key = orjson.loads(raw_key)
@@ -321,6 +336,7 @@ def load_partition(
             continue
         if not isinstance(key, list) or len(key) < 3 or key[1] != partition:
             continue
+        total += 1
         kind = key[0]
         try:
             if kind == "s" and len(key) == 4:
@@ -331,16 +347,26 @@ def load_partition(
                 store.ended[key[2]] = _ended_at(raw_value, now)
             elif kind == "in":
                 store.fences[key[2]] = _int_field(raw_value, "next")
+        except (MemoryError, RecursionError):
+            raise  # the worker's trouble, not the record's
         except Exception as exc:
             store.unreadable.append(
                 Unreadable(raw_key, raw_value, type(exc).__name__, str(exc)[:300])
             )
     if foreign:
         log.warning(
-            "partition %d: %d state records whose key is not the framework's JSON array "
-            "were skipped (written by something else to the changelog?)",
-            partition,
+            "the state table holds %d records whose key is not the framework's JSON array; "
+            "they are left alone (written to the changelog by something else?)",
             foreign,
+        )
+    bad = len(store.unreadable)
+    if bad > QUARANTINE_MAX or (bad >= 3 and bad * 2 > total):
+        first = store.unreadable[0]
+        raise StateUnreadable(
+            f"{bad} of the {total} state records of partition {partition} cannot be read "
+            f"(first: {first.error_class}: {first.error}); that is a codec or version "
+            "problem, not one corrupt record, so none was set aside: run the release that "
+            "wrote them, or fix the stage's state codec"
         )
     for lane in store.ended:
         store.lanes.pop(lane, None)
@@ -350,7 +376,9 @@ def load_partition(
 def _int_field(raw: bytes, name: str) -> int:
     doc = orjson.loads(raw)
     value = doc.get(name) if isinstance(doc, dict) else None
-    if type(value) is not int:  # a bool or a float is not an offset or a time
+    if type(value) is float and value.is_integer():  # a stage's event_time gave a float
+        return int(value)
+    if type(value) is not int:  # a bool is not an offset or a time
         raise ValueError(f"{name!r} is not an integer in {raw[:80]!r}")
     return value
 

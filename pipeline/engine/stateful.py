@@ -25,6 +25,7 @@ record: it is re-raised and the worker exits without committing.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -48,6 +49,7 @@ from pipeline.errors import InvalidMessage
 from pipeline.records import Record
 from pipeline.stage import END_OF_TIME, LIVE, StageContext, StageDef
 
+log = logging.getLogger("pipeline.engine")
 _SOURCE, _CONTROL = contract.H_SOURCE, contract.H_CONTROL
 _BACKFILL = contract.SOURCE_BACKFILL_PREFIX.encode()
 _END_OF_INPUT = contract.CONTROL_END_OF_INPUT.encode()
@@ -100,6 +102,14 @@ class StatefulEngine(Engine):
     def load(self, partition: int, items: Iterable[tuple[bytes, bytes]]) -> None:
         """(Re)build ``partition`` from changelog items."""
         store = load_partition(partition, items, self.codec, self.clock())
+        if store.unreadable:
+            log.warning(
+                "stage %s, partition %d: %d state records could not be read and are left "
+                "out (StageRunner.load moves them to the dead-letter topic)",
+                self.stage_id,
+                partition,
+                len(store.unreadable),
+            )
         if self._on_restore is not None:
             for state in store.lanes.values():
                 self._on_restore(state)
@@ -109,13 +119,17 @@ class StatefulEngine(Engine):
     def drop(self, partition: int) -> None:
         self.stores.pop(partition, None)
 
-    def take_unreadable(self, partition: int) -> list[Unreadable]:
-        """The changelog records of ``partition`` its last load could not read (once)."""
+    def unreadable(self, partition: int) -> list[Unreadable]:
+        """The changelog records of ``partition`` its last load could not read and that
+        were not yet quarantined (:meth:`quarantined`)."""
         store = self.stores.get(partition)
-        if store is None or not store.unreadable:
-            return []
-        found, store.unreadable = store.unreadable, []
-        return found
+        return list(store.unreadable) if store is not None else []
+
+    def quarantined(self, partition: int, records: int) -> None:
+        """The first ``records`` of :meth:`unreadable` are in the dead-letter topic."""
+        store = self.stores.get(partition)
+        if store is not None:
+            del store.unreadable[:records]
 
     def _store(self, partition: int) -> PartitionStore:
         store = self.stores.get(partition)

@@ -240,6 +240,8 @@ class WindowCodec:
 
     def decode(self, raw: bytes) -> Window:
         doc = orjson.loads(raw)
+        if not isinstance(doc, dict) or not isinstance(doc.get("key"), list):
+            raise ValueError("not a window: no key list")
         doc["key"] = tuple(doc["key"])
         if "ids" in doc:  # written before fingerprints
             ids = {fingerprint(i.encode()) for i in doc.pop("ids")}
@@ -248,7 +250,40 @@ class WindowCodec:
             doc["seen"] = Fingerprints(_from_little_endian(base64.b64decode(doc["seen"])))
         if "version" not in doc:  # written before versions: a closed window was emitted
             doc["version"] = 1 if doc.get("closed") else 0
+        _check_window(doc)
         return Window(**doc)
+
+
+_INT_FIELDS = ("start", "end", "count", "first_ts", "last_ts", "version")
+_FLOAT_FIELDS = ("total", "min", "max", "first_value", "last_value")
+
+
+def _check_window(doc: dict[str, Any]) -> None:
+    """Raise ValueError if a decoded window is not one this operator wrote: a value
+    of the wrong type would otherwise fail later, when the window is restored or
+    closes, where no single record is to blame (the worker would exit on it)."""
+    for name in _INT_FIELDS:
+        if type(doc.get(name, 0)) is not int:
+            raise ValueError(f"window field {name!r} is not an integer")
+    for name in _FLOAT_FIELDS:
+        value = doc.get(name, 0.0)
+        if type(value) is int:
+            doc[name] = float(value)
+        elif type(value) is not float:
+            raise ValueError(f"window field {name!r} is not a number")
+    for name in ("carry", "custom"):
+        if not isinstance(doc.get(name, {}), dict):
+            raise ValueError(f"window field {name!r} is not an object")
+    for name in ("first_lineage_id", "last_lineage_id"):
+        if not isinstance(doc.get(name, ""), str):
+            raise ValueError(f"window field {name!r} is not a string")
+    if type(doc.get("closed", False)) is not bool:
+        raise ValueError("window field 'closed' is not a boolean")
+    if not doc["start"] < doc["end"] or doc.get("count", 0) < 1:
+        raise ValueError("window bounds or count out of order")
+    packed = doc["seen"].packed
+    if any(packed[i] >= packed[i + 1] for i in range(len(packed) - 1)):
+        doc["seen"] = Fingerprints(array("Q", sorted(set(packed))))
 
 
 class WindowedAggregate:

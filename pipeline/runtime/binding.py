@@ -548,8 +548,8 @@ class StageBinding:
         if self._loaded.get(partition) == generation:
             return
         await self.runner.drain()
-        self.engine.load(partition, [(k, v) for k, v in self.table.data.items() if v])
-        quarantined = await self.runner.quarantine(partition)
+        items = [(k, v) for k, v in self.table.data.items() if v]
+        quarantined = await self.runner.load(partition, items)
         if quarantined is not None:
             self._account(quarantined, None)
         self._loaded[partition] = generation

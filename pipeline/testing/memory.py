@@ -378,8 +378,7 @@ class StageHarness:
         batch = list(records)
         start = len(self.producer.log)
         if self.engine.stateful and partition not in self.engine.stores:
-            self.engine.load(partition, list(self.state.items()))
-            asyncio.run(self.runner.quarantine(partition))  # unreadable state: dead letters
+            asyncio.run(self.runner.load(partition, list(self.state.items())))
         report = asyncio.run(self.runner.handle(partition, batch))
         return self._collect(start, report)
 
