@@ -219,8 +219,13 @@ class RunnerSettings(_Frozen):
     #: of their outputs at once: above 1, the next batch runs while the last one's
     #: outputs and hops are in flight, and each batch is acked (committed) only once
     #: everything of it and before it landed; 1: each batch's outputs are acknowledged
-    #: before the next batch starts (README "Latency between stages")
+    #: before the next batch starts (README "Latency between stages"). Counted in
+    #: full batches' worth of records (``batch_max_records`` each): smaller batches
+    #: fly in numbers, up to ``small_batches_in_flight`` times as many
     batches_in_flight: int = Field(default=4, ge=1, le=64)
+    #: how many small batches may take the place of one full one in flight (1: every
+    #: batch, however small, takes one of ``batches_in_flight``)
+    small_batches_in_flight: int = Field(default=8, ge=1, le=64)
     #: the longest a backfill-lane batch waits for live input to drain first
     backfill_max_defer_s: float = Field(default=5.0, ge=0)
     #: a batch that met an unreachable dependency (errors.Unavailable) runs again after

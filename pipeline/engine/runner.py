@@ -171,7 +171,14 @@ class StageRunner:
         #: producer (in order): their acknowledgement and the lineage hops after it
         #: land in ``BatchReport.landing`` while the next batch runs. Set by the runtime.
         self.in_flight = 1
+        #: also hold while this many input records await their acknowledgement (None:
+        #: count batches only). With it, small batches fly in numbers up to
+        #: ``in_flight`` while the records held stay bounded. Set by the runtime.
+        self.records_in_flight: int | None = None
         self._flying: deque[asyncio.Future[BatchReport]] = deque()
+        #: input records per landing in ``_flying`` (0 for the hops-only ones), and their sum
+        self._flying_records: dict[asyncio.Future[BatchReport], int] = {}
+        self.held_records = 0
         #: how many batches await the broker's acknowledgement now (their landing);
         #: an int, so another thread (the metrics endpoint) can read it
         self.landing = 0
@@ -288,11 +295,12 @@ class StageRunner:
             self.budget.check_clean(len(records))
         batch, topics = self._outgoing(result, retries, lane_batch)
         if self.in_flight > 1 and self.spec.state_topic is None and not self.blocking:
-            await self._room()
+            await self._room(len(records))
             sending = await self.producer.submit(batch)
             report = self._report(records, result, retries, topics)
             report.landing = self._fly(
-                self._land(sending, partition, records, result, retries, topics, lane_batch)
+                self._land(sending, partition, records, result, retries, topics, lane_batch),
+                len(records),
             )
             return report
         try:
@@ -313,19 +321,25 @@ class StageRunner:
             flying.popleft()
         self._state_landing.clear()
 
-    def _fly(self, landing: Coroutine[Any, Any, BatchReport]) -> asyncio.Future[BatchReport]:
+    def _fly(
+        self, landing: Coroutine[Any, Any, BatchReport], records: int = 0
+    ) -> asyncio.Future[BatchReport]:
         """Start a batch's landing: counted in ``landing`` and waited for by ``drain``
-        until done; ``_room`` holds a stage's batches in flight to ``in_flight`` (the
-        hops of ``overlap_hops`` alone are not held)."""
+        until done; ``_room`` holds a stage's batches in flight to ``in_flight`` and
+        their ``records`` to ``records_in_flight`` (the hops of ``overlap_hops`` alone
+        are not held)."""
         self._prune()
         future = asyncio.ensure_future(landing)
         self._flying.append(future)
+        self._flying_records[future] = records
+        self.held_records += records
         self.landing += 1
         future.add_done_callback(self._landed)
         return future
 
-    def _landed(self, _: asyncio.Future[BatchReport]) -> None:
+    def _landed(self, future: asyncio.Future[BatchReport]) -> None:
         self.landing -= 1
+        self.held_records -= self._flying_records.pop(future, 0)
 
     def _prune(self) -> None:
         """Forget the landings at the head of the queue that are done."""
@@ -333,11 +347,17 @@ class StageRunner:
         while flying and flying[0].done():
             flying.popleft()
 
-    async def _room(self) -> None:
-        """Wait until fewer than ``in_flight`` batches await their acknowledgement."""
+    async def _room(self, records: int = 0) -> None:
+        """Wait until fewer than ``in_flight`` batches await their acknowledgement and,
+        with ``records_in_flight``, until ``records`` more fit beside theirs (a batch
+        larger than that alone waits for every landing before it)."""
         flying = self._flying
+        limit = self.records_in_flight
         self._prune()
-        while len(flying) >= self.in_flight:
+        while flying and (
+            len(flying) >= self.in_flight
+            or (limit is not None and self.held_records + records > limit)
+        ):
             await asyncio.wait([flying[0]])
             flying.popleft()
             self._prune()
@@ -410,10 +430,12 @@ class StageRunner:
             report.landing = self._fly(self._hops_land(hops, report))
             return report
         if writes and self.overlap_state:
-            await self._room()
+            await self._room(len(records))
             sending = await self.producer.submit((), [*hops, *writes])
             before = self._state_landing.get(partition)
-            landing = self._fly(self._state_land(sending, partition, result.writes, report, before))
+            landing = self._fly(
+                self._state_land(sending, partition, result.writes, report, before), len(records)
+            )
             self._state_landing[partition] = landing
             landing.add_done_callback(partial(self._landed_state, partition))
             report.landing = landing

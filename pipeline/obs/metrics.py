@@ -97,7 +97,8 @@ LATE_READINGS = Counter(
 BATCHES_IN_FLIGHT = Gauge(
     "pipeline_batches_in_flight",
     "Batches whose outputs, state writes or lineage hops await the broker's "
-    "acknowledgement (at most runner.batches_in_flight, unless it is 1 and only the hops "
+    "acknowledgement (at most runner.batches_in_flight full ones, or up to "
+    "small_batches_in_flight times as many smaller ones; unless it is 1 and only the hops "
     "are in flight); not acked, so not committed, until they land.",
     ["stage"],
     registry=REGISTRY,

@@ -464,3 +464,31 @@ def test_a_landed_batch_is_freed_without_the_cycle_collector(kind: str) -> None:
 
     garbage = _cyclic_garbage(run)
     assert not {t: garbage[t] for t in ("BatchReport", "Record", "BatchResult") if garbage[t]}
+
+
+def test_small_batches_fly_in_numbers_while_the_records_held_stay_bounded() -> None:
+    """``records_in_flight``: batches of a trickle of input do not each take a slot of
+    ``in_flight`` (the runtime counts it in full batches' worth of records)."""
+
+    async def run() -> None:
+        producer = GatedAcks()
+        h = harness(producer, in_flight=8)
+        h.runner.records_in_flight = 4
+        flying = [await asyncio.wait_for(h.runner.handle(0, numbers(i, 1)), 2) for i in range(4)]
+        fifth = asyncio.ensure_future(h.runner.handle(0, numbers(4, 1)))
+        await asyncio.sleep(0.05)
+        assert not fifth.done()  # four records await their acknowledgement: the limit
+        assert h.runner.held_records == 4 and h.runner.landing == 4
+        producer.gate.set()
+        report = await asyncio.wait_for(fifth, 2)
+        landings = [r.landing for r in [*flying, report]]
+        await asyncio.wait_for(asyncio.gather(*landings), 2)  # type: ignore[arg-type]
+        assert h.runner.held_records == 0
+        # a batch larger than the limit alone goes when nothing is in flight
+        producer.gate.clear()
+        big = await asyncio.wait_for(h.runner.handle(0, numbers(10, 6)), 2)
+        assert big.landing is not None and h.runner.held_records == 6
+        producer.gate.set()
+        await asyncio.wait_for(big.landing, 2)
+
+    asyncio.run(run())
