@@ -176,8 +176,7 @@ class StageRunner:
         #: ``in_flight`` while the records held stay bounded. Set by the runtime.
         self.records_in_flight: int | None = None
         self._flying: deque[asyncio.Future[BatchReport]] = deque()
-        #: input records per landing in ``_flying`` (0 for the hops-only ones), and their sum
-        self._flying_records: dict[asyncio.Future[BatchReport], int] = {}
+        #: input records of the landings not yet done (the hops-only ones count 0)
         self.held_records = 0
         #: how many batches await the broker's acknowledgement now (their landing);
         #: an int, so another thread (the metrics endpoint) can read it
@@ -331,15 +330,14 @@ class StageRunner:
         self._prune()
         future = asyncio.ensure_future(landing)
         self._flying.append(future)
-        self._flying_records[future] = records
         self.held_records += records
         self.landing += 1
-        future.add_done_callback(self._landed)
+        future.add_done_callback(partial(self._landed, records))
         return future
 
-    def _landed(self, future: asyncio.Future[BatchReport]) -> None:
+    def _landed(self, records: int, _: asyncio.Future[BatchReport]) -> None:
         self.landing -= 1
-        self.held_records -= self._flying_records.pop(future, 0)
+        self.held_records -= records
 
     def _prune(self) -> None:
         """Forget the landings at the head of the queue that are done."""
@@ -588,8 +586,10 @@ class StageRunner:
         key again). None when the load read everything."""
         topic = self.spec.state_topic
         unreadable = getattr(self.engine, "unreadable", None)
-        found = unreadable(partition) if unreadable is not None and topic else []
-        if not found or topic is None:
+        if topic is None or unreadable is None:
+            return None
+        found = unreadable(partition)
+        if not found:
             return None
         now_ms = int(self.clock() * 1000)
         limit = self._limit(self.spec.dlq)

@@ -52,8 +52,8 @@ from bisect import bisect_left
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from hashlib import blake2b
-from itertools import chain
-from operator import itemgetter
+from itertools import chain, islice
+from operator import itemgetter, lt
 from typing import Any, Literal, cast
 
 import orjson
@@ -282,7 +282,7 @@ def _check_window(doc: dict[str, Any]) -> None:
     if not doc["start"] < doc["end"] or doc.get("count", 0) < 1:
         raise ValueError("window bounds or count out of order")
     packed = doc["seen"].packed
-    if any(packed[i] >= packed[i + 1] for i in range(len(packed) - 1)):
+    if not all(map(lt, packed, islice(packed, 1, None))):  # sorted, no repeats
         doc["seen"] = Fingerprints(array("Q", sorted(set(packed))))
 
 

@@ -248,12 +248,12 @@ class StageBinding:
         stateless = self.held is None and self.table is None
         self.runner.overlap_hops = runner.overlap_lineage and stateless
         in_flight = runner.batches_in_flight if self.held is None else 1
-        self.runner.in_flight = in_flight
         if in_flight > 1:
             # counted in full batches' worth of records: small batches (a trickle of
             # live input) fly in numbers, up to small_batches_in_flight times as many
-            self.runner.in_flight = in_flight * runner.small_batches_in_flight
             self.runner.records_in_flight = in_flight * runner.batch_max_records
+            in_flight *= runner.small_batches_in_flight
+        self.runner.in_flight = in_flight
         # a stateful stage's outputs are always acknowledged before its state writes
         # are sent; those (and the hops) may stay in flight
         self.runner.overlap_state = self.table is not None and runner.batches_in_flight > 1

@@ -383,3 +383,22 @@ def test_fingerprints_are_found_before_and_after_packing_in_8_bytes_each() -> No
     for n in reversed(numbers):
         again.add(n)
     assert again == fps and list(fps.pack()) == sorted(numbers)
+
+
+def test_a_window_with_unsorted_or_repeated_fingerprints_is_read_sorted() -> None:
+    """Membership bisects the packed fingerprints: a changelog whose ``seen`` is out of
+    order (not written by this operator) is sorted when read, not searched wrongly."""
+    import base64
+    from array import array
+
+    from pipeline.operators.window import WindowCodec
+
+    s = make()
+    (value,) = [v for k, v in s.process(0, [r(1, 1.0, "A"), r(2, 2.0, "B")]).writes if b'"s"' in k]
+    doc = orjson.loads(value)
+    packed = array("Q", base64.b64decode(doc["seen"]))
+    shuffled = array("Q", [packed[1], packed[0], packed[1]])
+    doc["seen"] = base64.b64encode(shuffled.tobytes()).decode()
+    window = WindowCodec().decode(orjson.dumps(doc))
+    assert list(window.seen.packed) == sorted(set(packed))
+    assert all(fp in window.seen for fp in packed)
